@@ -1,0 +1,1039 @@
+"""loadtest.py: the instrument. Same scenarios, same pass criteria, every version.
+
+It starts a version (or attaches to one with --url), drives it with an open-loop load (requests
+leave on a fixed arrival schedule whatever the server does, wrk2/vegeta style), injects the
+scenario's faults through the simulators' /chaos, reads ground truth from their /stats, and
+prints latency, outcomes, ground truth, a per-second timeline and a verdict with its reasons.
+
+Latency is measured from the *intended* send time, so a server that stalls cannot hide the
+requests that were waiting to be sent (coordinated omission, Gil Tene). Pure standard library.
+
+  python loadtest.py --target v0_1                      # the version's story
+  python loadtest.py --target v0_2 --scenario spike --quick
+  python loadtest.py --compare all --quick              # the lesson matrix
+  python loadtest.py --list                             # scenarios and pass criteria
+  python loadtest.py --calibrate                        # can the instrument be trusted?
+"""
+import argparse
+import asyncio
+import glob
+import ipaddress
+import json
+import math
+import os
+import random
+import select
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from urllib.parse import urlsplit
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+CLIENT_TIMEOUT_S = 5.0  # a user's patience: after this the client gives up (counted, not hidden)
+MAX_IN_FLIGHT = 3000  # open loop, but bounded: requests over the cap are counted as "capped"
+DEFAULT_CAPACITY_RPS = 100.0  # C, when it cannot be read from payment's /stats
+SAMPLE_EVERY_S = 0.25  # ground truth and process sampling period during a run
+RECOVERED_P99_MS = 500  # a second counts as recovered when its p99 is under this and nothing failed
+
+# === ENGINE ===
+# One connection per request (as the version files answer with Connection: close), driven by
+# asyncio protocols rather than streams: about 4x less CPU per request.
+
+OUTCOMES = ("ok", "shed", "4xx", "502", "504", "5xx", "timeout", "conn", "capped")
+
+
+def outcome_of(status):
+    """Classify an HTTP status into one of OUTCOMES."""
+    if 200 <= status < 300:
+        return "ok"
+    if status in (429, 503):
+        return "shed"
+    if status in (502, 504):
+        return str(status)
+    return "4xx" if status < 500 else "5xx"
+
+
+class Exchange(asyncio.Protocol):
+    """Send one request, collect one response, resolve `done` with (status, body) or an error."""
+
+    def __init__(self, request, done):
+        self.request, self.done, self.buf = request, done, bytearray()
+
+    def connection_made(self, transport):
+        self.transport = transport
+        transport.write(self.request)
+
+    def data_received(self, data):
+        self.buf += data
+        head_end = self.buf.find(b"\r\n\r\n")
+        if head_end < 0 or self.done.done():
+            return
+        head = bytes(self.buf[:head_end]).lower()
+        at = head.find(b"content-length:")
+        if at >= 0:  # the whole answer is here: record the time now, not at close
+            length = int(head[at + 15:].split(b"\r\n", 1)[0])
+            if len(self.buf) - head_end - 4 >= length:
+                self.finish()
+
+    def finish(self):
+        if not self.done.done():
+            try:
+                status = int(self.buf.split(b" ", 2)[1])
+                self.done.set_result((status, bytes(self.buf[self.buf.find(b"\r\n\r\n") + 4:])))
+            except (IndexError, ValueError):
+                self.done.set_exception(ConnectionError("malformed response"))
+        self.transport.close()
+
+    def eof_received(self):
+        self.finish()
+
+    def connection_lost(self, exc):
+        if not self.done.done():
+            if self.buf:
+                return self.finish()
+            self.done.set_exception(exc or ConnectionError("closed without a response"))
+
+
+def build_request(method, host, port, path, body=None, headers=None):
+    """Encode one HTTP/1.1 request with Connection: close."""
+    data = json.dumps(body).encode() if body is not None else b""
+    lines = [f"{method} {path} HTTP/1.1", f"Host: {host}:{port}", "Connection: close",
+             f"Content-Length: {len(data)}"]
+    if body is not None:
+        lines.append("Content-Type: application/json")
+    lines += [f"{k}: {v}" for k, v in (headers or {}).items()]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode() + data
+
+
+async def exchange(host, port, request, deadline):
+    """One request on a fresh connection; raises TimeoutError at `deadline` (loop time)."""
+    loop, task = asyncio.get_running_loop(), asyncio.current_task()
+    done, connecting, expired = loop.create_future(), [True], []
+
+    def expire():  # one timer for connect and answer (asyncio.wait_for would cost a Task each)
+        if connecting:
+            expired.append(True)
+            task.cancel()
+        elif not done.done():
+            done.set_exception(TimeoutError())
+
+    timer = loop.call_at(deadline, expire)
+    transport = None
+    try:
+        try:
+            transport, _ = await loop.create_connection(lambda: Exchange(request, done), host, port)
+        except asyncio.CancelledError:
+            if not expired:
+                raise
+            getattr(task, "uncancel", lambda: None)()
+            raise TimeoutError() from None
+        connecting.clear()
+        return await done
+    finally:
+        timer.cancel()
+        if transport is not None:
+            transport.abort() if not done.done() or done.exception() else transport.close()
+
+
+async def fetch_json(url, method="GET", body=None, timeout_s=3.0):
+    """Small JSON request for control and ground truth; returns (status, obj or None)."""
+    parts = urlsplit(url)
+    path = parts.path + (f"?{parts.query}" if parts.query else "")
+    request = build_request(method, parts.hostname, parts.port, path, body)
+    loop = asyncio.get_running_loop()
+    status, data = await exchange(parts.hostname, parts.port, request, loop.time() + timeout_s)
+    try:
+        return status, json.loads(data)
+    except ValueError:
+        return status, data.decode("latin-1")
+
+
+class Load:
+    """The open loop: fire requests at their intended times; record what happened to each."""
+
+    def __init__(self, plan, make_request, client_timeout_s=CLIENT_TIMEOUT_S, max_in_flight=MAX_IN_FLIGHT):
+        self.plan, self.make_request = plan, make_request  # plan: sorted list of (offset_s, kind)
+        self.client_timeout_s, self.max_in_flight = client_timeout_s, max_in_flight
+        self.records = []  # (intended_s, lag_s, latency_s, kind, outcome, status, attempts)
+        self.in_flight = 0
+        self.t0 = None
+
+    async def run(self, on_tick=None):
+        loop = asyncio.get_running_loop()
+        self.t0 = self.t0 or loop.time() + 0.05
+        tasks, i, n = set(), 0, len(self.plan)
+        while i < n:
+            now = loop.time()
+            while i < n and self.t0 + self.plan[i][0] <= now:
+                offset, kind = self.plan[i]
+                if self.in_flight >= self.max_in_flight:
+                    self.records.append((offset, 0.0, 0.0, kind, "capped", 0, 0))
+                else:
+                    task = loop.create_task(self.fire(offset, kind))
+                    tasks.add(task)
+                    task.add_done_callback(tasks.discard)
+                i += 1
+            if on_tick:
+                on_tick(now - self.t0)
+            if i < n:
+                await asyncio.sleep(max(0.0, self.t0 + self.plan[i][0] - loop.time()))
+        if tasks:
+            await asyncio.gather(*tasks)
+
+    async def fire(self, offset, kind):
+        """One logical request, maybe several attempts (clients that retry), timed from intent."""
+        loop = asyncio.get_running_loop()
+        intended = self.t0 + offset
+        lag = loop.time() - intended
+        deadline = intended + self.client_timeout_s
+        self.in_flight += 1
+        status, outcome, attempt = 0, "conn", 0
+        try:
+            for attempt, (host, port, request, on_answer, retry) in enumerate(self.make_request(kind), 1):  # noqa: B007
+                try:
+                    status, body = await exchange(host, port, request, deadline)
+                    outcome = outcome_of(status)
+                    on_answer(status, body)
+                except TimeoutError:
+                    status, outcome = 0, "timeout"
+                except OSError:
+                    status, outcome = 0, "conn"
+                if outcome in ("ok", "4xx") or not retry or loop.time() >= deadline:
+                    break
+        finally:
+            self.in_flight -= 1
+        self.records.append((offset, lag, loop.time() - intended, kind, outcome, status, attempt))
+
+
+# === SCENARIOS ===
+# Loads are multiples of the designed capacity C (payment's workers / service time). Each phase:
+# (name, seconds, seconds with --quick, load in C, chaos for payment, chaos for shipping, fault?).
+# Checks are (figure, operator, bound): the same for every version, never tuned per version.
+
+
+def phase(name, full_s, quick_s, load, payment=None, shipping=None, fault=False):
+    return {"name": name, "full_s": full_s, "quick_s": quick_s, "load": load,
+            "payment": payment or {}, "shipping": shipping or {}, "fault": fault}
+
+
+def ramp(steps, full_s, quick_s, load, top):
+    """A dependency that gets slowly worse: latency x1 -> x`top` in `steps` equal steps."""
+    return [phase(f"worse x{1 + (top - 1) * (k + 1) / steps:.1f}", full_s / steps, quick_s / steps, load,
+                  {"latency_factor": 1 + (top - 1) * (k + 1) / steps}, fault=True) for k in range(steps)]
+
+
+SCENARIOS = {
+    "steady": {
+        "about": "0.5x capacity, healthy: the baseline every version must keep",
+        "phases": [phase("steady", 10, 5, 0.5)],
+        "checks": [("error_pct", "<=", 1.0), ("p99_ms", "<=", 250)],
+        "decisive": "p99_ms"},
+    "spike": {
+        "about": "3x capacity for the fault window: is the excess shed fast, or does it queue?",
+        "phases": [phase("before", 3, 2, 0.5), phase("spike", 10, 4, 3.0, fault=True), phase("after", 8, 4, 0.5)],
+        "checks": [("timeouts", "<=", 0), ("p99_ms", "<=", 1000), ("shed_p99_ms", "<=", 100),
+                   ("fault_goodput_x", ">=", 0.7)],
+        "decisive": "p99_ms"},
+    "slow-payment": {
+        "about": "0.8x capacity while payment is 3x slower: admitted work the dependency cannot serve",
+        "phases": [phase("before", 3, 2, 0.8), phase("slow", 10, 5, 0.8, {"latency_factor": 3}, fault=True),
+                   phase("after", 8, 4, 0.8)],
+        "checks": [("timeouts", "<=", 0), ("p99_ms", "<=", 1000), ("shed_p99_ms", "<=", 100)],
+        "decisive": "p99_ms"},
+    "slow-shipping": {
+        "about": "0.8x capacity while shipping is 5x slower: does a fulfilment backlog grow unseen?",
+        "phases": [phase("before", 3, 2, 0.8), phase("slow", 10, 5, 0.8, shipping={"latency_factor": 5}, fault=True),
+                   phase("after", 6, 3, 0.8)],
+        "checks": [("timeouts", "<=", 0), ("backlog_max", "<=", 100), ("lag_max_s", "<=", 2.0)],
+        "decisive": "lag_max_s"},
+    "hang-payment": {
+        "about": "0.5x capacity; 20% of charges never answer: do hung calls leak resources?",
+        "phases": [phase("before", 3, 2, 0.5), phase("hang", 10, 4, 0.5, {"hang_rate": 0.2}, fault=True),
+                   phase("after", 8, 4, 0.5)],
+        "checks": [("goodput_pct", ">=", 95), ("p99_ms", "<=", 1000), ("held_open_after", "<=", 0)],
+        "decisive": "goodput_pct"},
+    "flaky-payment": {
+        "about": "0.5x capacity; charges fail, some after committing; clients retry with the same key",
+        "phases": [phase("before", 2, 1, 0.5),
+                   phase("flaky", 10, 5, 0.5, {"error_rate": 0.1, "ambiguous_rate": 0.1}, fault=True),
+                   phase("after", 4, 2, 0.5)],
+        "client_retries": 2,
+        "checks": [("duplicate_charges", "<=", 0), ("duplicate_orders", "<=", 0)],
+        "decisive": "duplicate_charges"},
+    "retry-storm": {
+        "about": "0.6x capacity; payment browns out (5x slower) briefly: do retries keep it down after?",
+        "phases": [phase("before", 3, 2, 0.6), phase("brownout", 4, 3, 0.6, {"latency_factor": 5}, fault=True),
+                   phase("after", 10, 6, 0.6)],
+        "checks": [("amplification", "<=", 1.2), ("recovery_s", "<=", 3)],
+        "decisive": "amplification"},
+    "payment-down": {
+        "about": "0.5x capacity, half POST, half GET /orders/<id>; payment blackholed",
+        "phases": [phase("before", 3, 2, 0.5), phase("down", 10, 5, 0.5, {"blackhole": True}, fault=True),
+                   phase("after", 8, 4, 0.5)],
+        "get_share": 0.5,
+        "checks": [("fault_post_p50_ms", "<=", 100), ("get_error_pct", "<=", 1.0), ("get_p99_ms", "<=", 250),
+                   ("recovery_s", "<=", 5)],
+        "decisive": "fault_post_p50_ms"},
+    "early-warning": {
+        "about": "0.5x capacity; payment gets slowly worse: does a metric alert fire before users see errors?",
+        "phases": [phase("before", 3, 2, 0.5)] + ramp(6, 18, 9, 0.5, 12) + [phase("after", 4, 3, 0.5)],
+        "checks": [("alert_lead_s", ">=", 1.0)],
+        "decisive": "alert_lead_s"},
+    "partial-failure": {
+        "about": "2x capacity + payment brownout (3x) + shipping down, then healthy: everything at once",
+        "phases": [phase("before", 3, 2, 0.5),
+                   phase("partial", 8, 4, 2.0, {"latency_factor": 3}, {"down": True}, fault=True),
+                   phase("after", 8, 5, 0.5)],
+        "checks": [("p99_ms", "<=", 1000), ("timeouts", "<=", 0), ("duplicate_charges", "<=", 0),
+                   ("duplicate_orders", "<=", 0), ("lost_orders", "<=", 0), ("recovery_s", "<=", 5)],
+        "decisive": "lost_orders"},
+}
+
+# Each version's story: the scenario it fixes and the one that still breaks it.
+LADDER = {
+    "v0_1": ([], ["spike"]), "v0_2": (["spike"], ["slow-payment"]),
+    "v0_3": (["slow-payment", "slow-shipping"], ["hang-payment"]), "v0_4": (["hang-payment"], ["flaky-payment"]),
+    "v0_5": (["flaky-payment"], ["retry-storm"]), "v0_6": (["retry-storm"], ["payment-down"]),
+    "v0_7": (["payment-down"], ["early-warning"]), "v0_8": (["early-warning"], ["partial-failure"]),
+    "v1_0": (["partial-failure"], []),
+}
+ALERT_RULE = ("payment calls slower than 100 ms exceed 10% over the last second, read from "
+              "dependency_request_duration_seconds_bucket{dependency=\"payment\"} in /metrics")
+
+
+def make_plan(scenario, capacity_rps, quick, seed, duration_s=None):
+    """Poisson arrivals (seeded) for every phase; returns (plan, phases with start/end)."""
+    rng = random.Random(seed)
+    plan, phases, t = [], [], 0.0
+    key = "quick_s" if quick else "full_s"
+    stretched = [p for p in scenario["phases"] if p["fault"]] or scenario["phases"]
+    scale = duration_s / sum(p[key] for p in stretched) if duration_s else 1.0
+    for ph in scenario["phases"]:
+        length = ph[key] * (scale if ph in stretched else 1.0)
+        start, end, rate = t, t + length, ph["load"] * capacity_rps
+        phases.append(dict(ph, start=start, end=end))
+        t_next = start + rng.expovariate(rate)
+        while t_next < end:
+            kind = "get" if rng.random() < scenario.get("get_share", 0) else "post"
+            plan.append((t_next, kind))
+            t_next += rng.expovariate(rate)
+        t = end
+    return plan, phases
+
+
+# === GROUND TRUTH ===
+
+
+class Target:
+    """A running orders service: spawned from a version file (and killed with all its children)."""
+
+    def __init__(self, name, urls, proc=None, log_path=None):
+        self.name, self.urls, self.proc, self.log_path = name, urls, proc, log_path
+
+    @classmethod
+    def spawn(cls, path, seed, timeout_s=20.0):
+        """Start `python path --port 0` in its own process group and wait for its READY line."""
+        log = tempfile.NamedTemporaryFile("w+", prefix="loadtest-", suffix=".log", delete=False)
+        proc = subprocess.Popen([sys.executable, path, "--port", "0", "--seed", str(seed)], stdout=subprocess.PIPE,
+                                stderr=log, stdin=subprocess.DEVNULL, text=True, start_new_session=True)
+        target = cls(version_name(path), {}, proc, log.name)
+        RUNNING.append(target)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if not select.select([proc.stdout], [], [], max(0.0, deadline - time.monotonic()))[0]:
+                break
+            line = proc.stdout.readline()
+            if line.startswith("READY "):
+                target.urls = json.loads(line[6:])
+                proc.stdout.close()  # nothing else to read: the banner is for humans
+                return target
+            if not line and proc.poll() is not None:
+                break
+        target.stop()
+        tail = open(log.name).read()[-800:]
+        raise SystemExit(f"{path} did not print READY within {timeout_s:.0f} s; its stderr ends with:\n{tail}")
+
+    def stop(self):
+        """Stop the whole process group (orders, payment, shipping): SIGTERM, then SIGKILL."""
+        for sig in (signal.SIGTERM, signal.SIGKILL) if self.proc else ():
+            try:
+                os.killpg(self.proc.pid, sig)
+            except ProcessLookupError:
+                break
+            deadline = time.monotonic() + 5
+            while self.group_alive() and time.monotonic() < deadline:
+                self.proc.poll()  # reap our child, so a zombie does not count as alive
+                time.sleep(0.02)
+        self._forget()
+
+    def group_alive(self):
+        try:
+            os.killpg(self.proc.pid, 0)
+            return True
+        except (ProcessLookupError, PermissionError):
+            return False
+
+    def _forget(self):
+        if self in RUNNING:
+            RUNNING.remove(self)
+        if self.log_path and os.path.exists(self.log_path):
+            os.unlink(self.log_path)
+
+    def process_sample(self):
+        """Threads and resident memory (MiB) of the orders process, where /proc tells."""
+        try:
+            with open(f"/proc/{self.proc.pid}/status") as f:
+                fields = dict(line.split(":", 1) for line in f)
+            return int(fields["Threads"]), int(fields["VmRSS"].split()[0]) / 1024
+        except (AttributeError, OSError, KeyError, ValueError):
+            return None, None
+
+
+RUNNING = []  # targets to stop on any exit
+
+
+def version_name(path):
+    """'./v0_3_backpressure.py' -> 'v0_3'."""
+    base = os.path.basename(path)
+    return base[:4] if base[:2] == "v0" or base[:2] == "v1" else base.rsplit(".", 1)[0]
+
+
+def resolve_target(name):
+    """A version name (v0_3, v0.3) or a file path -> the version file's path."""
+    if os.path.isfile(name):
+        return name
+    matches = sorted(glob.glob(os.path.join(HERE, name.replace(".", "_") + "_*.py")))
+    if not matches:
+        raise SystemExit(f"no version file for {name!r}; try one of: {', '.join(available_versions())}")
+    return matches[0]
+
+
+def available_versions():
+    return [version_name(p) for p in sorted(glob.glob(os.path.join(HERE, "v[01]_[0-9]_*.py")))]
+
+
+async def stats(target, role, refs=False):
+    """GET /stats of a simulator, or None if there is none (attach mode) or it does not answer."""
+    url = target.urls.get(role)
+    if not url:
+        return None
+    try:
+        status, obj = await fetch_json(url + "/stats" + ("?refs=1" if refs else ""))
+        return obj if status == 200 and isinstance(obj, dict) else None
+    except (OSError, TimeoutError):
+        return None
+
+
+async def set_chaos(target, role, chaos):
+    if target.urls.get(role):
+        await fetch_json(target.urls[role] + "/chaos", "POST", chaos)
+
+
+async def scrape_alert(url, history):
+    """Evaluate ALERT_RULE on /metrics; history keeps (time, slow, total) samples."""
+    try:
+        status, text = await fetch_json(url + "/metrics")
+    except (OSError, TimeoutError):
+        return None
+    if status != 200 or not isinstance(text, str):
+        return None
+    total = slow = None
+    for line in text.splitlines():
+        if line.startswith("dependency_request_duration_seconds_bucket") and 'dependency="payment"' in line:
+            value = float(line.rsplit(" ", 1)[1])
+            if 'le="+Inf"' in line:
+                total = value
+            elif 'le="0.1"' in line:
+                slow = value
+    if total is None or slow is None:
+        return None
+    now, over = time.monotonic(), total - slow  # calls slower than 100 ms, ever
+    history.append((now, over, total))
+    older = [h for h in history if h[0] <= now - 1.0]
+    if not older or total == older[-1][2]:
+        return False
+    return (over - older[-1][1]) / (total - older[-1][2]) >= 0.1
+
+
+async def run_scenario(target, scenario_name, capacity_rps, quick, seed, progress, duration_s=None):
+    """Drive one scenario against one target and return the run's result dict."""
+    scenario = SCENARIOS[scenario_name]
+    plan, phases = make_plan(scenario, capacity_rps, quick, seed, duration_s)
+    orders = urlsplit(target.urls["orders"])
+    host, port = orders.hostname, orders.port
+    run_id = f"{scenario_name}-{seed}-{os.getpid()}-{int(time.time() * 1000) % 10**8}"
+    refs, ids, acked = iter(range(10**9)), [], {}  # acked: ref -> time of the 201
+    rng = random.Random(seed + 1)
+    retries = scenario.get("client_retries", 0)
+    loop = asyncio.get_running_loop()
+
+    def make_request(kind):
+        if kind == "get" and ids:
+            request = build_request("GET", host, port, f"/orders/{rng.choice(ids)}")
+            return [(host, port, request, lambda s, b: None, False)]
+        ref = f"{run_id}-{next(refs)}"
+        body = {"item": rng.choice(["book", "mug", "pen"]), "qty": rng.randint(1, 3), "customer": "load", "ref": ref}
+        request = build_request("POST", host, port, "/orders", body, {"Idempotency-Key": ref})
+
+        def on_answer(status, data):
+            if status == 201:
+                acked.setdefault(ref, loop.time() - load.t0)
+                if scenario.get("get_share"):
+                    try:
+                        ids.append(json.loads(data)["order_id"])
+                    except (ValueError, KeyError, TypeError):
+                        pass
+        return [(host, port, request, on_answer, True)] * (1 + retries)
+
+    load = Load(plan, make_request)
+    before = {role: await stats(target, role) for role in ("payment", "shipping")}
+    samples, alert_history, alert_at = [], [], None
+    for role in ("payment", "shipping"):
+        await set_chaos(target, role, {})
+
+    async def chaos_driver():
+        current = {"payment": {}, "shipping": {}}
+        for ph in phases:
+            await asyncio.sleep(max(0.0, load.t0 + ph["start"] - loop.time()))
+            for role in ("payment", "shipping"):
+                if ph[role] != current[role]:
+                    await set_chaos(target, role, ph[role])
+                    current[role] = ph[role]
+
+    async def sampler():
+        nonlocal alert_at
+        while True:
+            t = loop.time() - load.t0
+            pay, ship = await stats(target, "payment"), await stats(target, "shipping")
+            threads, rss = target.process_sample()
+            samples.append({"t": t, "threads": threads, "rss_mb": rss,
+                            "shipped": ship["unique_refs"] - before["shipping"]["unique_refs"]
+                            if ship and before["shipping"] else None,
+                            "payment_queue": pay["queue_depth"] if pay else None,
+                            "held_open": pay["held_open"] if pay else None})
+            if scenario_name == "early-warning" and alert_at is None:
+                if await scrape_alert(target.urls["orders"], alert_history):
+                    alert_at = t
+            await asyncio.sleep(SAMPLE_EVERY_S)
+
+    total_s, shown = phases[-1]["end"], [0.0]
+
+    def on_tick(t):
+        if t - shown[0] < 0.5:
+            return
+        shown[0] = t
+        progress(f"{target.name} {scenario_name}: {min(t, total_s):5.1f}/{total_s:.0f} s  "
+                 f"in flight {load.in_flight:5d}  done {len(load.records):6d}")
+
+    load.t0 = loop.time() + 0.05
+    driver, sampling = asyncio.ensure_future(chaos_driver()), asyncio.ensure_future(sampler())
+    try:
+        await load.run(on_tick)
+    finally:
+        driver.cancel()
+        for role in ("payment", "shipping"):
+            try:
+                await set_chaos(target, role, {})
+            except (OSError, TimeoutError):
+                pass
+    # Drain: give fulfilment time to ship what was acknowledged, then read ground truth.
+    drain_deadline = loop.time() + (4 if quick else 10)
+    while loop.time() < drain_deadline and before["shipping"]:
+        ship = await stats(target, "shipping")
+        if ship is None or ship["unique_refs"] - before["shipping"]["unique_refs"] >= len(acked):
+            break
+        progress(f"{target.name} {scenario_name}: draining fulfilment, "
+                 f"{len(acked) - ship['unique_refs'] + before['shipping']['unique_refs']} orders not shipped yet")
+        await asyncio.sleep(0.25)
+    sampling.cancel()
+    after = {role: await stats(target, role, refs=True) for role in ("payment", "shipping")}
+    progress("")
+    return summarise(target, scenario_name, load, phases, capacity_rps, acked, samples, before, after,
+                     run_id, alert_at)
+
+
+# === REPORTS ===
+
+
+def percentile(values, q):
+    """Exact nearest-rank percentile of a list (q in 0..100); None for no values."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(q / 100 * len(ordered)) - 1)]
+
+
+def latency_summary(latencies_s):
+    return {name: None if percentile(latencies_s, q) is None else round(percentile(latencies_s, q) * 1000, 1)
+            for name, q in (("p50", 50), ("p90", 90), ("p99", 99), ("p999", 99.9), ("max", 100))}
+
+
+def summarise(target, scenario_name, load, phases, capacity_rps, acked, samples, before, after, run_id, alert_at):
+    """Everything a run measured, the figures the checks use, and the verdict."""
+    scenario, recs = SCENARIOS[scenario_name], load.records
+    fault = [p for p in phases if p["fault"]]
+    fault_start = fault[0]["start"] if fault else None
+    fault_end = fault[-1]["end"] if fault else None
+    ok = [r for r in recs if r[4] == "ok"]
+    counts = {o: sum(1 for r in recs if r[4] == o) for o in OUTCOMES}
+    counts["sent"] = len(recs) - counts["capped"]
+    counts["attempts"] = sum(r[6] for r in recs if r[3] == "post")
+    total_s = phases[-1]["end"]
+    figures = {"offered_rps": round(len(recs) / total_s, 1), "goodput_rps": round(len(ok) / total_s, 1),
+               "capacity_rps": capacity_rps}
+    lat = latency_summary([r[2] for r in ok])
+    figures.update({f"{k}_ms": v for k, v in lat.items()})
+    bad = [r for r in recs if r[4] not in ("ok", "shed", "4xx")]
+    figures["error_pct"] = round(100 * len(bad) / max(1, len(recs)), 2)
+    figures["timeouts"] = counts["timeout"]
+    figures["shed_p99_ms"] = _ms(percentile([r[2] for r in recs if r[4] == "shed"], 99))
+    in_fault = [r for r in recs if fault and fault_start <= r[0] < fault_end]
+    if fault:
+        done_in_fault = [r for r in ok if fault_start <= r[0] + r[2] < fault_end]  # by completion time
+        figures["fault_goodput_x"] = round(len(done_in_fault) / (fault_end - fault_start) / capacity_rps, 2)
+        late = [r for r in recs if fault_start <= r[0]]
+        figures["goodput_pct"] = round(100 * sum(1 for r in late if r[4] == "ok") / max(1, len(late)), 1)
+        second_half = [r for r in in_fault if r[3] == "post" and r[0] >= (fault_start + fault_end) / 2]
+        figures["fault_post_p50_ms"] = _ms(percentile([r[2] for r in second_half], 50))
+    gets = [r for r in recs if r[3] == "get"]
+    if gets:
+        figures["get_error_pct"] = round(100 * sum(1 for r in gets if r[4] != "ok") / len(gets), 2)
+        figures["get_p99_ms"] = _ms(percentile([r[2] for r in gets if r[4] == "ok"], 99))
+    timeline = build_timeline(recs, total_s, phases, samples, acked)
+    figures["recovery_s"] = recovery_time(timeline, fault_end) if fault else None
+    truth = ground_truth(before, after, run_id, acked, counts, timeline)
+    figures.update({k: v for k, v in truth.items() if not isinstance(v, dict)})
+    threads = [s["threads"] for s in samples if s["threads"]]
+    rss = [s["rss_mb"] for s in samples if s["rss_mb"]]
+    figures["peak_threads"] = max(threads) if threads else None
+    figures["peak_rss_mb"] = round(max(rss), 1) if rss else None
+    if scenario_name == "early-warning":
+        first_error = min((r[0] for r in recs if r[4] not in ("ok",)), default=None)
+        if alert_at is None:
+            figures["alert_lead_s"] = None
+        else:
+            figures["alert_lead_s"] = round((first_error if first_error is not None else total_s) - alert_at, 2)
+    lags = [r[1] for r in recs if r[4] != "capped"]
+    figures["schedule_lag_p99_ms"] = _ms(percentile(lags, 99))
+    verdict, reasons = judge(scenario, figures, target)
+    return {"target": target.name, "scenario": scenario_name, "verdict": verdict, "reasons": reasons,
+            "latency_ms": lat, "counts": counts, "ground_truth": truth, "recovery_s": figures["recovery_s"],
+            "figures": figures, "decisive": scenario["decisive"],
+            "phases": [{k: p[k] for k in ("name", "start", "end", "load", "payment", "shipping", "fault")}
+                       for p in phases],
+            "timeline": timeline}
+
+
+def _ms(seconds):
+    return None if seconds is None else round(seconds * 1000, 1)
+
+
+def build_timeline(recs, total_s, phases, samples, acked):
+    """Per-second buckets by intended send time: offered, ok, shed, errors, p99, and samples."""
+    seconds = int(math.ceil(total_s))
+    buckets = [{"t": s, "offered": 0, "ok": 0, "shed": 0, "errors": 0, "lat": []} for s in range(seconds)]
+    for r in recs:
+        b = buckets[min(int(r[0]), seconds - 1)]
+        b["offered"] += 1
+        if r[4] == "ok":
+            b["ok"] += 1
+            b["lat"].append(r[2])
+        elif r[4] == "shed":
+            b["shed"] += 1
+        elif r[4] != "4xx":
+            b["errors"] += 1
+    ack_times = sorted(acked.values())
+    for b in buckets:
+        b["p99_ms"] = _ms(percentile(b.pop("lat"), 99))
+        b["fault"] = any(p["fault"] and p["start"] <= b["t"] < p["end"] for p in phases)
+        inside = [s for s in samples if b["t"] <= s["t"] < b["t"] + 1]
+        last = inside[-1] if inside else {}
+        b["threads"] = max((s["threads"] for s in inside if s["threads"]), default=None)
+        b["payment_queue"] = last.get("payment_queue")
+        shipped = last.get("shipped")
+        if shipped is not None:
+            now = last["t"]
+            acked_by_now = sum(1 for t in ack_times if t <= now)
+            b["backlog"] = max(0, acked_by_now - shipped)
+            # fulfilment lag: the age of the oldest acknowledged order not yet shipped (FIFO)
+            b["lag_s"] = round(now - ack_times[shipped], 2) if shipped < acked_by_now else 0.0
+        else:
+            b["backlog"] = b["lag_s"] = None
+    return buckets
+
+
+def recovery_time(timeline, fault_end):
+    """Seconds from the end of the fault until every later second is good; None if never."""
+    start = int(math.ceil(fault_end))
+    good_from = None
+    for b in timeline[start:]:
+        good = b["errors"] == 0 and (b["p99_ms"] is None or b["p99_ms"] <= RECOVERED_P99_MS)
+        if good and good_from is None:
+            good_from = b["t"]
+        elif not good:
+            good_from = None
+    return None if good_from is None else max(0, good_from - fault_end)
+
+
+def ground_truth(before, after, run_id, acked, counts, timeline):
+    """Duplicates, lost orders, amplification and zombie work, from the simulators' /stats."""
+    pay, ship = after.get("payment"), after.get("shipping")
+    truth = {}
+    if pay and before.get("payment"):
+        charged = {ref: n for ref, n in pay.get("refs", {}).items() if ref.startswith(run_id)}
+        truth["duplicate_charges"] = sum(1 for n in charged.values() if n > 1)
+        truth["payment_calls"] = pay["calls"] - before["payment"]["calls"]
+        truth["amplification"] = round(truth["payment_calls"] / max(1, counts["attempts"]), 2)
+        truth["zombie_work"] = pay["zombie"] - before["payment"]["zombie"]
+        truth["held_open_after"] = pay["held_open"]
+        truth["payment_queue_peak"] = pay["queue_peak"]
+    if ship and before.get("shipping"):
+        shipped = {ref: n for ref, n in ship.get("refs", {}).items() if ref.startswith(run_id)}
+        truth["duplicate_orders"] = sum(1 for n in shipped.values() if n > 1)
+        truth["lost_orders"] = sum(1 for ref in acked if ref not in shipped)
+        truth["zombie_work"] = truth.get("zombie_work", 0) + ship["zombie"] - before["shipping"]["zombie"]
+        backlogs = [b["backlog"] for b in timeline if b["backlog"] is not None]
+        lags = [b["lag_s"] for b in timeline if b["lag_s"] is not None]
+        truth["backlog_max"] = max(backlogs) if backlogs else None
+        truth["lag_max_s"] = max(lags) if lags else None
+    return truth
+
+
+def judge(scenario, figures, target):
+    """Apply the scenario's checks; a figure we could not measure fails its check, saying why."""
+    reasons, verdict = [], "pass"
+    ops = {"<=": lambda a, b: a <= b, ">=": lambda a, b: a >= b}
+    for figure, op, bound in scenario["checks"]:
+        value = figures.get(figure)
+        if value is None:
+            why = {"recovery_s": "never recovered before the run ended",
+                   "alert_lead_s": "no alert fired: " + ("no /metrics with " + ALERT_RULE),
+                   "shed_p99_ms": None, "get_p99_ms": "no GET succeeded"}.get(figure, "not measurable here")
+            if why is None:  # nothing was shed: nothing to be slow about
+                reasons.append(f"{figure}: nothing shed (ok)")
+                continue
+            reasons.append(f"{figure}: {why} (needs {op} {bound})")
+            verdict = "fail"
+        elif ops[op](value, bound):
+            reasons.append(f"{figure} = {value} {op} {bound} (ok)")
+        else:
+            reasons.append(f"{figure} = {value}, needs {op} {bound}")
+            verdict = "fail"
+    return verdict, reasons
+
+
+def fmt(value, unit=""):
+    if value is None:
+        return "n/a"
+    if isinstance(value, float):
+        return f"{value:,.1f}{unit}" if abs(value) < 100 else f"{value:,.0f}{unit}"
+    return f"{value:,}{unit}"
+
+
+def print_run(result, out=sys.stdout):
+    """The per-run report: latency, outcomes, ground truth, timeline strip, verdict."""
+    f, c, lat = result["figures"], result["counts"], result["latency_ms"]
+    mark = "PASS" if result["verdict"] == "pass" else "FAIL"
+    w = out.write
+    w(f"\n== {result['target']} · {result['scenario']} · {SCENARIOS[result['scenario']]['about']}\n")
+    w(f"   offered {fmt(f['offered_rps'])} req/s · goodput {fmt(f['goodput_rps'])} req/s · "
+      f"capacity C = {fmt(f['capacity_rps'])} req/s\n")
+    w("   latency of successes (ms)   " + "  ".join(f"{k} {fmt(lat[k])}" for k in ("p50", "p90", "p99", "p999", "max"))
+      + "\n")
+    w("   outcomes   " + "  ".join(f"{k} {c[k]}" for k in OUTCOMES if c[k] or k in ("ok", "shed", "timeout"))
+      + f"   (attempts {c['attempts']})\n")
+    g = result["ground_truth"]
+    if g:
+        w(f"   ground truth   duplicate charges {fmt(g.get('duplicate_charges'))} · duplicate orders "
+          f"{fmt(g.get('duplicate_orders'))} · lost orders {fmt(g.get('lost_orders'))} · amplification "
+          f"{fmt(g.get('amplification'))}x · zombie work {fmt(g.get('zombie_work'))} · held open after "
+          f"{fmt(g.get('held_open_after'))}\n")
+    else:
+        w("   ground truth   n/a (no simulator URLs: attach mode)\n")
+    w(f"   recovery {fmt(result['recovery_s'], ' s') if result['recovery_s'] is not None else 'n/a'} · "
+      f"peak threads {fmt(f['peak_threads'])} · peak RSS {fmt(f['peak_rss_mb'], ' MiB')} · "
+      f"schedule lag p99 {fmt(f['schedule_lag_p99_ms'], ' ms')}\n")
+    print_timeline(result["timeline"], out)
+    w(f"   {mark}: " + "; ".join(result["reasons"]) + "\n")
+
+
+def print_timeline(timeline, out):
+    """One row per second; '#' marks seconds inside the fault window."""
+    w = out.write
+    w("    t s     offered    ok  shed  errors    p99 ms  threads  pay.queue  backlog  lag s\n")
+    for b in timeline:
+        w(f"   {b['t']:3d} {'#' if b['fault'] else ' '} {b['offered']:9d} {b['ok']:5d} {b['shed']:5d} {b['errors']:7d}"
+          f" {fmt(b['p99_ms']):>9} {fmt(b['threads']):>8} {fmt(b['payment_queue']):>10} {fmt(b['backlog']):>8}"
+          f" {fmt(b['lag_s']):>6}\n")
+
+
+def print_matrix(results, out=sys.stdout):
+    """Scenarios x versions: pass/fail with the decisive figure."""
+    targets = list(dict.fromkeys(r["target"] for r in results))
+    scenarios = list(dict.fromkeys(r["scenario"] for r in results))
+    cell = {(r["scenario"], r["target"]): r for r in results}
+    out.write("\nLesson matrix (✓ pass, ✗ fail; decisive figure)\n")
+    out.write(f"   {'scenario':16s}" + "".join(f"{t:>22s}" for t in targets) + "\n")
+    for s in scenarios:
+        row = f"   {s:16s}"
+        for t in targets:
+            r = cell.get((s, t))
+            if r is None:
+                row += f"{'-':>22s}"
+                continue
+            fig = r["decisive"]
+            row += f"{('✓ ' if r['verdict'] == 'pass' else '✗ ') + fig + ' ' + fmt(r['figures'].get(fig)):>22s}"
+        out.write(row + "\n")
+
+
+# === CALIBRATE ===
+# Built-in responders, each in its own process so they do not share the instrument's CPU.
+
+
+async def responder(kind, host, port):
+    """'trivial' answers at once; 'stall' answers at once except 1 s of every 5 s (a GC pause)."""
+    loop = asyncio.get_running_loop()
+    body = b'{"status": "ok"}'
+    answer = (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nConnection: close\r\nContent-Length: "
+              + str(len(body)).encode() + b"\r\n\r\n" + body)
+    t0 = loop.time()
+
+    class Answer(asyncio.Protocol):
+        def connection_made(self, transport):
+            self.transport, self.buf = transport, b""
+
+        def data_received(self, data):
+            self.buf += data
+            if b"\r\n\r\n" not in self.buf:
+                return
+            phase = (loop.time() - t0) % 5.0
+            if kind == "stall" and phase >= 4.0:  # stalled: everyone waits until the stall ends
+                loop.call_later(5.0 - phase, self.reply)
+            else:
+                self.reply()
+
+        def reply(self):
+            self.transport.write(answer)
+            self.transport.close()
+
+    server = await loop.create_server(Answer, host, port, backlog=4096)
+    print("READY " + json.dumps({"orders": f"http://{host}:{server.sockets[0].getsockname()[1]}"}), flush=True)
+    parent = os.getppid()
+    while os.getppid() == parent:
+        await asyncio.sleep(0.5)
+
+
+def spawn_responder(kind):
+    proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--responder", kind],
+                            stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True, start_new_session=True)
+    target = Target(f"{kind} responder", {}, proc)
+    RUNNING.append(target)
+    target.urls = json.loads(proc.stdout.readline()[6:])
+    return target
+
+
+async def constant_load(url, rate, seconds):
+    """Constant-rate open loop against a responder: achieved share, lag p99, CPU/request, latencies."""
+    parts = urlsplit(url)
+    request = build_request("GET", parts.hostname, parts.port, "/")
+    n = int(rate * seconds)
+    plan = [(i / rate, "get") for i in range(n)]
+    load = Load(plan, lambda kind: [(parts.hostname, parts.port, request, lambda s, b: None, False)])
+    cpu0, wall0 = time.process_time(), time.monotonic()
+    await load.run()
+    cpu = time.process_time() - cpu0
+    ok = [r for r in load.records if r[4] == "ok"]
+    on_time = sum(1 for r in load.records if r[4] == "ok" and r[1] <= 0.002)
+    return {"rate": rate, "sent": n, "ok": len(ok), "on_time_pct": round(100 * on_time / n, 1),
+            "ok_pct": round(100 * len(ok) / n, 1), "lag_p99_ms": _ms(percentile([r[1] for r in load.records], 99)),
+            "cpu_us_per_request": round(cpu / n * 1e6), "wall_s": round(time.monotonic() - wall0, 2),
+            "latency_ms": latency_summary([r[2] for r in ok])}
+
+
+async def calibrate(quick, out):
+    """Measure the instrument: max sustainable rate, scheduler lag, and the coordinated-omission test."""
+    results = {"trivial": [], "stall": None}
+    trivial = spawn_responder("trivial")
+    try:
+        out.write("Calibrating against a trivial responder (its own process), constant-rate open loop:\n")
+        out.write("    rate/s   sent    ok %   within 2 ms of schedule %   lag p99 ms   CPU µs/req   p99 ms\n")
+        for rate in (500, 1000, 2000, 3000, 4000, 5000):
+            r = await constant_load(trivial.urls["orders"], rate, 2.0 if quick else 4.0)
+            results["trivial"].append(r)
+            out.write(f"   {rate:7d} {r['sent']:6d} {r['ok_pct']:7.1f} {r['on_time_pct']:24.1f} "
+                      f"{fmt(r['lag_p99_ms']):>14} {r['cpu_us_per_request']:12d} {fmt(r['latency_ms']['p99']):>8}\n")
+            out.flush()
+            if r["ok_pct"] < 99 or (r["lag_p99_ms"] or 0) > 2:
+                break
+    finally:
+        trivial.stop()
+    good = [r for r in results["trivial"] if r["ok_pct"] >= 99 and (r["lag_p99_ms"] or 0) <= 2]
+    results["max_sustainable_rps"] = max((r["rate"] for r in good), default=0)
+    out.write(f"   -> sustains {results['max_sustainable_rps']} req/s with >= 99% of its schedule, lag p99 <= 2 ms\n")
+    stall = spawn_responder("stall")
+    try:
+        out.write("\nCoordinated-omission test: 200 req/s against a responder that stalls 1 s every 5 s\n")
+        r = await constant_load(stall.urls["orders"], 200, 10.0)
+        results["stall"] = r
+        lat = r["latency_ms"]
+        out.write(f"   p50 {fmt(lat['p50'])} ms  p90 {fmt(lat['p90'])} ms  p99 {fmt(lat['p99'])} ms  "
+                  f"max {fmt(lat['max'])} ms   (truth: 20% of requests wait 0-1 s, so p99 ~950 ms)\n")
+    finally:
+        stall.stop()
+    return results
+
+
+# === MAIN ===
+
+
+def check_loopback(url, allow_remote):
+    host = urlsplit(url).hostname or ""
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback and not allow_remote:
+        raise SystemExit(f"refusing to load {host!r}: not a loopback address (pass --allow-remote if you mean it)")
+
+
+def make_progress(enabled):
+    """A one-line live status on stderr when it is a terminal."""
+    def progress(text):
+        if enabled:
+            sys.stderr.write("\r\033[K" + text)
+            sys.stderr.flush()
+    return progress
+
+
+async def run_all(args, out):
+    scenarios_for = {}
+    if args.compare:
+        targets = available_versions() if args.compare == "all" else [t.strip() for t in args.compare.split(",")]
+    else:
+        targets = [args.target]
+    for t in targets:
+        if args.scenario:
+            names = list(SCENARIOS) if args.scenario == "all" else [s.strip() for s in args.scenario.split(",")]
+        else:
+            fixes, breaks = LADDER.get(version_name(t.replace(".", "_")) if not args.url else "", ([], []))
+            names = ["steady"] + fixes + breaks
+        unknown = [n for n in names if n not in SCENARIOS]
+        if unknown:
+            raise SystemExit(f"unknown scenario {', '.join(unknown)}; see --list")
+        scenarios_for[t] = names
+    progress = make_progress(sys.stderr.isatty())
+    results = []
+    for t in targets:
+        for name in scenarios_for[t]:
+            if args.url:
+                urls = {"orders": args.url.rstrip("/")}
+                urls.update({k: v.rstrip("/") for k, v in (("payment", args.payment_url),
+                                                            ("shipping", args.shipping_url)) if v})
+                target = Target(urls["orders"], urls)
+                faulty = any(p["payment"] or p["shipping"] for p in SCENARIOS[name]["phases"])
+                if faulty and not (args.payment_url and args.shipping_url):
+                    out.write(f"\n== {name}: skipped: its faults need --payment-url and --shipping-url\n")
+                    continue
+            else:
+                target = Target.spawn(resolve_target(t), args.seed)
+            try:
+                pay = await stats(target, "payment")
+                capacity = args.rate or (pay["capacity_rps"] if pay else DEFAULT_CAPACITY_RPS)
+                result = await run_scenario(target, name, capacity, args.quick, args.seed, progress, args.duration)
+            finally:
+                if target.proc:
+                    target.stop()
+            results.append(result)
+            print_run(result, out)
+            out.flush()
+    if len(targets) > 1 or args.compare:
+        print_matrix(results, out)
+    return results
+
+
+def parse_args(argv):
+    versions = ", ".join(available_versions()) or "none found"
+    parser = argparse.ArgumentParser(
+        description="The failure-first playground's load tester: same scenarios, same pass criteria, every version.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=f"versions here: {versions}\nscenarios: {', '.join(SCENARIOS)}\n\n" + __doc__.split("\n\n")[-1])
+    what = parser.add_mutually_exclusive_group()
+    what.add_argument("--target", help="version to test: v0_3, v0.3 or a file; started on free ports, stopped after")
+    what.add_argument("--compare", help="several versions (v0_1,v0_2) or 'all': prints the lesson matrix")
+    what.add_argument("--url", help="attach to a running orders service instead of starting one (loopback)")
+    what.add_argument("--list", action="store_true", help="list the scenarios with their pass criteria")
+    what.add_argument("--calibrate", action="store_true", help="measure the instrument itself")
+    parser.add_argument("--scenario", help="NAME[,NAME] or 'all' (default: steady + the version's story)")
+    parser.add_argument("--quick", action="store_true", help="short phases (for tests and CI)")
+    parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    parser.add_argument("--rate", type=float, help="capacity C (req/s) the loads are multiples of (default: read "
+                        "from payment's /stats, else 100)")
+    parser.add_argument("--duration", type=float, help="seconds of the fault window (or of the whole steady run)")
+    parser.add_argument("--seed", type=int, default=1, help="seed of arrivals, payloads and chaos (default 1)")
+    parser.add_argument("--payment-url", help="with --url: payment simulator, for faults and ground truth")
+    parser.add_argument("--shipping-url", help="with --url: shipping simulator, for faults and ground truth")
+    parser.add_argument("--allow-remote", action="store_true", help="allow a non-loopback --url (never by default)")
+    parser.add_argument("--responder", choices=["trivial", "stall"], help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if not (args.target or args.compare or args.url or args.list or args.calibrate or args.responder):
+        parser.error("say what to test: --target v0_1 (or --compare, --url, --list, --calibrate)")
+    return args
+
+
+def print_list(out):
+    out.write("Scenarios (loads in multiples of capacity C; '--quick' shortens the phases):\n")
+    for name, sc in SCENARIOS.items():
+        out.write(f"\n  {name}: {sc['about']}\n    phases: ")
+        out.write(" -> ".join(f"{p['name']} {p['full_s']:g}s/{p['quick_s']:g}s @{p['load']}C"
+                              + (" [fault]" if p["fault"] else "") for p in sc["phases"]) + "\n")
+        out.write("    pass when: " + ", ".join(f"{f} {op} {b}" for f, op, b in sc["checks"])
+                  + f"   (decisive: {sc['decisive']})\n")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM cleans up like Ctrl-C
+    try:
+        import resource
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 10240)), hard))
+    except (ImportError, ValueError, OSError):
+        pass
+    out = sys.stdout
+    try:
+        if args.responder:
+            try:
+                return asyncio.run(responder(args.responder, "127.0.0.1", 0))
+            except KeyboardInterrupt:
+                return 0
+        if args.list:
+            return print_list(out)
+        if args.calibrate:
+            results = asyncio.run(calibrate(args.quick, out))
+            if args.json:
+                with open(args.json, "w") as f:
+                    json.dump({"calibration": results}, f, indent=1)
+            return
+        for url in (args.url, args.payment_url, args.shipping_url):
+            if url:
+                check_loopback(url, args.allow_remote)
+        results = asyncio.run(run_all(args, out))
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"runs": results}, f, indent=1)
+        return 0  # the run completed; verdicts are in the output (a naive version is meant to fail)
+    except KeyboardInterrupt:
+        sys.stderr.write("\ninterrupted: stopping everything this run started\n")
+        return 130
+    except BrokenPipeError:  # e.g. piped into `head`
+        sys.stderr.close()
+        return 0
+    finally:
+        for target in list(RUNNING):
+            target.stop()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
