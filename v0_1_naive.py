@@ -106,7 +106,7 @@ EVENTS = queue.Queue()  # naive on purpose: unbounded, so a slow consumer hides 
 
 
 def admit():
-    """Decide whether to take a new order: None to accept, or (status, detail) to refuse."""
+    """Take a new order? None to accept, or (status, error, detail, headers) to refuse it."""
     return None  # naive on purpose: accept everything, however much is already waiting
 
 
@@ -181,12 +181,12 @@ class OrdersHandler(BaseHTTPRequestHandler):
     def do_POST(self):
         if urlsplit(self.path).path != "/orders":
             return self.do_other()
+        body = self.read_body()  # read first: closing on unread bytes sends RST and loses our answer
+        if body is None:
+            return
         refusal = admit()
         if refusal:
             return self.error(*refusal)
-        body = self.read_body()
-        if body is None:
-            return
         try:
             order = place_order(parse_order(body))
         except ValidationError as exc:

@@ -1,0 +1,124 @@
+"""Shared helpers: start a version (or loadtest) as a real process, talk HTTP, always clean up."""
+import glob
+import http.client
+import json
+import os
+import select
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from urllib.parse import urlsplit
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+VERSIONS = sorted(glob.glob(os.path.join(ROOT, "v[01]_[0-9]_*.py")))
+LOADTEST = os.path.join(ROOT, "loadtest.py")
+
+
+def version_id(path):
+    return os.path.basename(path)[:4]
+
+
+class Service:
+    """A version file running as `python vX.py --port 0`, in its own process group."""
+
+    def __init__(self, path, *args, ready_timeout_s=20.0):
+        self.log = tempfile.TemporaryFile("w+")
+        self.proc = subprocess.Popen([sys.executable, path, "--port", "0", *args], stdout=subprocess.PIPE,
+                                     stderr=self.log, stdin=subprocess.DEVNULL, text=True, start_new_session=True)
+        self.urls = self.wait_ready(ready_timeout_s)
+
+    def wait_ready(self, timeout_s):
+        """Wait for the READY line (a condition, not a sleep)."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if not select.select([self.proc.stdout], [], [], max(0.0, deadline - time.monotonic()))[0]:
+                break
+            line = self.proc.stdout.readline()
+            if line.startswith("READY "):
+                return json.loads(line[6:])
+            if not line:
+                break
+        self.stop()
+        self.log.seek(0)
+        raise AssertionError(f"no READY line; stderr: {self.log.read()[-2000:]}")
+
+    def stderr(self):
+        self.log.seek(0)
+        return self.log.read()
+
+    def group_alive(self):
+        try:
+            os.killpg(self.proc.pid, 0)
+            return True
+        except (ProcessLookupError, PermissionError):
+            return False
+
+    def wait_group_gone(self, timeout_s=10.0):
+        """True once every process of the group has exited (reaping our own child as we go)."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            self.proc.poll()
+            if not self.group_alive():
+                return True
+            time.sleep(0.02)
+        return False
+
+    def stop(self):
+        """SIGTERM the group, then SIGKILL whatever is left: nothing outlives a test."""
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            try:
+                os.killpg(self.proc.pid, sig)
+            except ProcessLookupError:
+                break
+            if self.wait_group_gone(5.0):
+                break
+        self.proc.poll()
+        if self.proc.stdout:
+            self.proc.stdout.close()
+        self.log.close()
+
+
+def request(url, method="GET", body=None, headers=None, timeout_s=10.0):
+    """One HTTP request; returns (status, headers dict, parsed JSON or raw bytes)."""
+    parts = urlsplit(url)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout_s)
+    try:
+        data = body if isinstance(body, (bytes, type(None))) else json.dumps(body).encode()
+        conn.request(method, parts.path + (f"?{parts.query}" if parts.query else ""), data, headers or {})
+        resp = conn.getresponse()
+        raw = resp.read()
+        try:
+            payload = json.loads(raw)
+        except ValueError:
+            payload = raw
+        return resp.status, dict(resp.getheaders()), payload
+    finally:
+        conn.close()
+
+
+def run_loadtest(*args, timeout_s=300):
+    """Run loadtest.py with --json and return (completed process, parsed JSON)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "result.json")
+        proc = subprocess.run([sys.executable, LOADTEST, *args, "--json", out], capture_output=True, text=True,
+                              timeout=timeout_s, stdin=subprocess.DEVNULL)
+        data = json.load(open(out)) if os.path.exists(out) else None
+    return proc, data
+
+
+@pytest.fixture(params=VERSIONS, ids=version_id)
+def version_path(request):
+    return request.param
+
+
+@pytest.fixture
+def service(version_path):
+    svc = Service(version_path)
+    try:
+        yield svc
+    finally:
+        svc.stop()
