@@ -244,7 +244,7 @@ SCENARIOS = {
         "decisive": "p99_ms"},
     "slow-shipping": {
         "about": "0.8x capacity while shipping is 5x slower: does a fulfilment backlog grow unseen?",
-        "phases": [phase("before", 3, 2, 0.8), phase("slow", 10, 5, 0.8, shipping={"latency_factor": 5}, fault=True),
+        "phases": [phase("before", 3, 2, 0.8), phase("slow", 15, 8, 0.8, shipping={"latency_factor": 5}, fault=True),
                    phase("after", 6, 3, 0.8)],
         "checks": [("timeouts", "<=", 0), ("backlog_max", "<=", 100), ("lag_max_s", "<=", 2.0)],
         "decisive": "lag_max_s"},
@@ -426,9 +426,15 @@ async def stats(target, role, refs=False):
         return None
 
 
-async def set_chaos(target, role, chaos):
-    if target.urls.get(role):
-        await fetch_json(target.urls[role] + "/chaos", "POST", chaos)
+async def set_chaos(target, role, chaos, attempts=3):
+    """Set a simulator's chaos; False if it never took (a fault that did not happen voids a run)."""
+    for _ in range(attempts if target.urls.get(role) else 0):
+        try:
+            if (await fetch_json(target.urls[role] + "/chaos", "POST", chaos))[0] == 200:
+                return True
+        except (OSError, TimeoutError):
+            pass
+    return not target.urls.get(role)
 
 
 async def scrape_alert(url, history):
@@ -489,7 +495,7 @@ async def run_scenario(target, scenario_name, capacity_rps, quick, seed, progres
 
     load = Load(plan, make_request)
     before = {role: await stats(target, role) for role in ("payment", "shipping")}
-    samples, alert_history, alert_at = [], [], None
+    samples, alert_history, alert_at, problems = [], [], None, []
     for role in ("payment", "shipping"):
         await set_chaos(target, role, {})
 
@@ -499,7 +505,8 @@ async def run_scenario(target, scenario_name, capacity_rps, quick, seed, progres
             await asyncio.sleep(max(0.0, load.t0 + ph["start"] - loop.time()))
             for role in ("payment", "shipping"):
                 if ph[role] != current[role]:
-                    await set_chaos(target, role, ph[role])
+                    if not await set_chaos(target, role, ph[role]):
+                        problems.append(f"could not set {role} chaos {ph[role]} at {ph['start']:.0f} s")
                     current[role] = ph[role]
 
     async def sampler():
@@ -534,10 +541,7 @@ async def run_scenario(target, scenario_name, capacity_rps, quick, seed, progres
     finally:
         driver.cancel()
         for role in ("payment", "shipping"):
-            try:
-                await set_chaos(target, role, {})
-            except (OSError, TimeoutError):
-                pass
+            await set_chaos(target, role, {})
     # Drain: give fulfilment time to ship what was acknowledged, then read ground truth.
     drain_deadline = loop.time() + (4 if quick else 10)
     while loop.time() < drain_deadline and before["shipping"]:
@@ -550,8 +554,11 @@ async def run_scenario(target, scenario_name, capacity_rps, quick, seed, progres
     sampling.cancel()
     after = {role: await stats(target, role, refs=True) for role in ("payment", "shipping")}
     progress("")
-    return summarise(target, scenario_name, load, phases, capacity_rps, acked, samples, before, after,
-                     run_id, alert_at)
+    result = summarise(target, scenario_name, load, phases, capacity_rps, acked, samples, before, after,
+                       run_id, alert_at)
+    if problems:  # the run did not do what the scenario says: never report it as a pass
+        result["verdict"], result["reasons"] = "fail", problems + result["reasons"]
+    return result
 
 
 # === REPORTS ===
