@@ -35,7 +35,7 @@ CLIENT_TIMEOUT_S = 5.0  # a user's patience: after this the client gives up (cou
 MAX_IN_FLIGHT = 3000  # open loop, but bounded: requests over the cap are counted as "capped"
 DEFAULT_CAPACITY_RPS = 100.0  # C, when it cannot be read from payment's /stats
 SAMPLE_EVERY_S = 0.25  # ground truth and process sampling period during a run
-RECOVERED_P99_MS = 500  # a second counts as recovered when its p99 is under this and nothing failed
+RECOVERED_P99_MS = 500  # a second is recovered when its p99 is under this, nothing failed, <= 10% shed
 
 # === ENGINE ===
 # One connection per request (as the version files answer with Connection: close), driven by
@@ -347,8 +347,7 @@ class Target:
             line = proc.stdout.readline()
             if line.startswith("READY "):
                 target.urls = json.loads(line[6:])
-                proc.stdout.close()  # nothing else to read: the banner is for humans
-                return target
+                return target  # stdout stays open until the process ends: closing it could kill it
             if not line and proc.poll() is not None:
                 break
         target.stop()
@@ -676,7 +675,8 @@ def recovery_time(timeline, fault_end):
     start = int(math.ceil(fault_end))
     good_from = None
     for b in timeline[start:]:
-        good = b["errors"] == 0 and (b["p99_ms"] is None or b["p99_ms"] <= RECOVERED_P99_MS)
+        good = (b["errors"] == 0 and b["shed"] <= 0.1 * b["offered"]  # shedding everything is not recovered
+                and (b["p99_ms"] is None or b["p99_ms"] <= RECOVERED_P99_MS))
         if good and good_from is None:
             good_from = b["t"]
         elif not good:
