@@ -110,11 +110,13 @@ def admit():
     return None  # naive on purpose: accept everything, however much is already waiting
 
 
-def http_post(url, payload, headers, timeout_s):
+def http_post(url, payload, headers, connect_timeout_s, timeout_s):
     """POST JSON and return the decoded answer, or raise DependencyError."""
     parts = urlsplit(url)
-    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout_s)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=connect_timeout_s)
     try:
+        conn.connect()
+        conn.sock.settimeout(timeout_s)  # None: wait forever. Python applies it per socket operation
         body = json.dumps(payload).encode()
         conn.request("POST", parts.path, body, {"Content-Type": "application/json", **headers})
         resp = conn.getresponse()
@@ -137,7 +139,7 @@ def call_dependency(name, path, payload, idempotency_key=None):
     """Call a dependency. Naive: no timeout, no key sent, 5 immediate attempts on any error."""
     for attempt in range(1, MAX_ATTEMPTS + 1):
         try:
-            return http_post(DEPENDENCY_URLS[name] + path, payload, {}, timeout_s=None)
+            return http_post(DEPENDENCY_URLS[name] + path, payload, {}, connect_timeout_s=None, timeout_s=None)
         except DependencyError:
             if attempt == MAX_ATTEMPTS:
                 raise
@@ -184,13 +186,15 @@ class OrdersHandler(BaseHTTPRequestHandler):
         body = self.read_body()  # read first: closing on unread bytes sends RST and loses our answer
         if body is None:
             return
-        refusal = admit()
+        try:
+            fields = parse_order(body)
+        except ValidationError as exc:
+            return self.error(400, "invalid order", str(exc))
+        refusal = admit()  # after validation: bad input hears "400, fix it", never "503, retry"
         if refusal:
             return self.error(*refusal)
         try:
-            order = place_order(parse_order(body))
-        except ValidationError as exc:
-            return self.error(400, "invalid order", str(exc))
+            order = place_order(fields)
         except DependencyError as exc:
             return self.error(exc.status, "payment failed", exc.detail)
         answer = {k: order[k] for k in ("order_id", "status", "amount")}
@@ -217,7 +221,7 @@ class OrdersHandler(BaseHTTPRequestHandler):
         length = self.headers.get("Content-Length")
         if length is None:
             self.error(411, "length required", "send a Content-Length header")
-        elif not length.isdigit():
+        elif not (length.isascii() and length.isdigit()):  # "²".isdigit() is True, int("²") fails
             self.error(400, "bad request", "Content-Length must be a non-negative integer")
         elif int(length) > MAX_BODY_BYTES:
             self.error(413, "body too large", f"at most {MAX_BODY_BYTES} bytes")
@@ -248,7 +252,8 @@ class OrdersHandler(BaseHTTPRequestHandler):
 
     def send_error(self, code, message=None, explain=None):
         """The standard library's own errors (bad request line, huge headers) as JSON too."""
-        self.error(code, message or HTTPStatus(code).phrase, explain or "")
+        self.request_version = "HTTP/1.0"  # a garbled request line leaves HTTP/0.9: no status line
+        self.error(code, HTTPStatus(code).phrase, message or explain or "")
 
     def log_message(self, format, *args):
         pass  # no access log: at hundreds of requests/s it would cost more than the work
@@ -429,15 +434,17 @@ async def respond(writer, status, obj):
 
 
 def announce(urls):
-    """Print the machine-readable READY line, then a short banner for humans."""
-    print("READY " + json.dumps(urls), flush=True)
+    """Print the machine-readable READY line and a short banner for humans, in one write."""
+    banner = ""  # one write: a reader that closes the pipe after READY must not kill us
     if "orders" in urls:
-        print(f"{__doc__.splitlines()[0]}\n  orders    {urls['orders']}   POST /orders, GET /orders/<id>, GET /health\n"
-              f"  payment   {urls['payment']}   chaos: POST /chaos, ground truth: GET /stats\n"
-              f"  shipping  {urls['shipping']}   (the same)\nTry:\n"
-              f"  curl -si {urls['orders']}/orders -d '{{\"item\": \"book\", \"qty\": 1, \"customer\": \"ada\"}}'\n"
-              f"  curl -s {urls['payment']}/chaos -d '{{\"latency_factor\": 5}}'   # brownout; '{{}}' heals\n"
-              "Ctrl-C stops all three processes.", flush=True)
+        banner = (f"\n{__doc__.splitlines()[0]}\n"
+                  f"  orders    {urls['orders']}   POST /orders, GET /orders/<id>, GET /health\n"
+                  f"  payment   {urls['payment']}   chaos: POST /chaos, ground truth: GET /stats\n"
+                  f"  shipping  {urls['shipping']}   (the same)\nTry:\n"
+                  f"  curl -si {urls['orders']}/orders -d '{{\"item\": \"book\", \"qty\": 1, \"customer\": \"ada\"}}'\n"
+                  f"  curl -s {urls['payment']}/chaos -d '{{\"latency_factor\": 5}}'   # brownout; '{{}}' heals\n"
+                  "Ctrl-C stops all three processes.")
+    print("READY " + json.dumps(urls) + banner, flush=True)
 
 
 def start_child(role, host, port, seed):
