@@ -1,0 +1,446 @@
+"""The contract every version keeps (DESIGN.md section 2), run against each version file as real processes.
+
+API, bad input (never a 5xx, a hang or a traceback), the simulators' chaos and ground-truth endpoints,
+and the process rules: clean shutdown on SIGTERM/SIGINT, no orphans after SIGKILL, one role alone.
+Nothing here sleeps to synchronise: every wait polls a condition against a deadline.
+"""
+import json
+import os
+import select
+import signal
+import socket
+import subprocess
+import sys
+import time
+from http.client import HTTPException
+from urllib.parse import urlsplit
+
+import pytest
+from conftest import Service, request
+
+ORDER = {"item": "book", "qty": 2, "customer": "ada", "ref": "r1"}
+JSON_HEADERS = {"Content-Type": "application/json"}
+SHIP_TIMEOUT_S = 15.0  # generous: the machine is shared with load tests
+SHED_TIMEOUT_S = 10.0  # how long a case may keep being shed (429/503 + Retry-After) before it counts as wrong
+RAW_TIMEOUT_S = 5.0  # a raw-socket exchange with no answer by then counts as a hang
+ORPHAN_TIMEOUT_S = 6.0  # children of a SIGKILLed orders process must go on their own within ~5 s
+STATS_KEYS = {"calls", "commits", "duplicates", "held_open", "queue_depth", "queue_peak", "zombie", "capacity_rps"}
+
+
+# === HELPERS ===
+
+
+def header(headers, name):
+    """A response header by name, whatever its case; None when absent."""
+    return next((v for k, v in headers.items() if k.lower() == name.lower()), None)
+
+
+def poll(fetch, done, timeout_s, what):
+    """Call fetch() until done(value) holds; return that value, or fail with the last one seen."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = fetch()
+        if done(value):
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}; last seen: {value!r}")
+        time.sleep(0.05)  # a short pause between polls, not a synchronisation
+
+
+def order_body(**changes):
+    """The valid order with some fields changed; a value of None removes that field."""
+    body = dict(ORDER, **changes)
+    return {k: v for k, v in body.items() if v is not None}
+
+
+def answer_complete(answer):
+    """True once a raw answer holds its headers and its whole Content-Length body."""
+    head, sep, body = answer.partition(b"\r\n\r\n")
+    if not sep:
+        return False
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length" and value.strip().isdigit():
+            return len(body) >= int(value)
+    return False  # no length given: read until the server closes
+
+
+def raw_exchange(url, data, shutdown_write=False, timeout_s=RAW_TIMEOUT_S):
+    """Send raw bytes to url's host and port; return (status or None, headers, body) of the answer.
+
+    status is None when the answer has no HTTP status line. A silent server raises TimeoutError."""
+    parts = urlsplit(url)
+    answer = b""
+    with socket.create_connection((parts.hostname, parts.port), timeout=timeout_s) as sock:
+        try:
+            sock.sendall(data)
+            if shutdown_write:
+                sock.shutdown(socket.SHUT_WR)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the server answered before reading everything: read what it said
+        while not answer_complete(answer):
+            try:
+                chunk = sock.recv(65536)
+            except ConnectionResetError:
+                break
+            if not chunk:
+                break
+            answer += chunk
+    if not answer.startswith(b"HTTP/"):
+        return None, {}, parse_json(answer)
+    head, _, body = answer.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = {k.strip(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+    return int(lines[0].split()[1]), headers, parse_json(body)
+
+
+def parse_json(raw):
+    """raw decoded as JSON, or raw itself when it is not JSON."""
+    try:
+        return json.loads(raw)
+    except ValueError:
+        return raw
+
+
+def error_problems(label, got, allowed, allow_method=None):
+    """What is wrong with an error answer: its status, its JSON shape, its content type, a traceback."""
+    status, headers, body = got
+    text = body.decode("latin-1") if isinstance(body, bytes) else json.dumps(body)
+    problems = []
+    if status is None and not text:
+        problems.append("the connection was closed with no answer at all")
+    elif status is None:
+        problems.append(f"no HTTP status line (an HTTP/0.9-style bare body): {text[:200]!r}")
+    elif status not in allowed or status >= 500:
+        problems.append(f"status {status}, expected {allowed}")
+    if "Traceback" in text:
+        problems.append("a traceback in the body")
+    if not (isinstance(body, dict) and "error" in body and "detail" in body):
+        problems.append(f"body is not JSON with 'error' and 'detail': {text[:200]!r}")
+    if status is not None and not (header(headers, "Content-Type") or "").startswith("application/json"):
+        problems.append(f"Content-Type {header(headers, 'Content-Type')!r}, expected application/json")
+    if allow_method and allow_method not in (header(headers, "Allow") or ""):
+        problems.append(f"Allow header {header(headers, 'Allow')!r} should list {allow_method}")
+    return [f"{label}: {p}" for p in problems]
+
+
+def shed(got):
+    """True for a load-shedding refusal (429/503 with Retry-After): the contract allows it, so try again."""
+    return got[0] in (429, 503) and header(got[1], "Retry-After") is not None
+
+
+def send_unless_shed(send, service, timeout_s=SHED_TIMEOUT_S):
+    """Send a case; while the version sheds it (its admission limit, not the input), send it again."""
+    return poll(lambda: send(service), lambda got: not shed(got), timeout_s, "an answer that is not a shed")
+
+
+def run_cases(service, cases):
+    """Send each case to orders; return every problem found (an empty list when all is well).
+
+    Cases go out one after another, faster than an admission limit (v0.2's token bucket) may allow:
+    a 429/503 with Retry-After is that limit, not an answer about the input, so the case is sent again."""
+    problems = []
+    for label, send, allowed, allow_method in cases:
+        try:
+            got = send_unless_shed(send, service)
+        except AssertionError as exc:  # still shed at the deadline
+            problems.append(f"{label}: {exc}")
+            continue
+        except TimeoutError:
+            problems.append(f"{label}: no answer: the server hangs")
+            continue
+        except (OSError, HTTPException) as exc:
+            problems.append(f"{label}: no answer: {exc!r}")
+            continue
+        problems += error_problems(label, got, allowed, allow_method)
+    return problems
+
+
+def http(method, path, body=None, headers=None):
+    """A case sender: one request to orders through conftest's request()."""
+    return lambda svc: request(svc.urls["orders"] + path, method, body, headers)
+
+
+def raw(data, shutdown_write=False):
+    """A case sender: raw bytes to orders over a socket."""
+    return lambda svc: raw_exchange(svc.urls["orders"], data, shutdown_write)
+
+
+def post_order(body):
+    """A case sender: POST /orders with this body (a dict is sent as JSON)."""
+    return http("POST", "/orders", body, JSON_HEADERS)
+
+
+FOUR_XX = range(400, 500)
+
+BAD_BODIES = [  # (label, sender, allowed statuses, method the Allow header must list)
+    ("not JSON", post_order(b"{not json"), (400,), None),
+    ("empty body", post_order(b""), (400,), None),
+    ("invalid UTF-8", post_order(b'\xff\xfe{"item": "book"}'), (400,), None),
+    ("JSON array", post_order(b"[1]"), (400,), None),
+    ("JSON string", post_order(b'"x"'), (400,), None),
+    ("JSON null", post_order(b"null"), (400,), None),
+    ("JSON number", post_order(b"2"), (400,), None),
+    ("empty object", post_order({}), (400,), None),
+    ("missing item", post_order(order_body(item=None)), (400,), None),
+    ("missing qty", post_order(order_body(qty=None)), (400,), None),
+    ("missing customer", post_order(order_body(customer=None)), (400,), None),
+    ("qty true (bool is an int in Python)", post_order(order_body(qty=True)), (400,), None),
+    ("qty 0", post_order(order_body(qty=0)), (400,), None),
+    ("qty -1", post_order(order_body(qty=-1)), (400,), None),
+    ("qty 1.5", post_order(order_body(qty=1.5)), (400,), None),
+    ("qty 2.0", post_order(order_body(qty=2.0)), (400,), None),
+    ("qty '2'", post_order(order_body(qty="2")), (400,), None),
+    ("qty null", post_order(b'{"item": "book", "qty": null, "customer": "ada"}'), (400,), None),
+    ("qty with 5000 digits", post_order(b'{"item": "book", "qty": ' + b"1" * 5000 + b', "customer": "ada"}'),
+     (400,), None),
+    ("qty NaN", post_order(b'{"item": "book", "qty": NaN, "customer": "ada"}'), (400,), None),
+    ("item unknown", post_order(order_body(item="car")), (400,), None),
+    ("item not a string", post_order(order_body(item=5)), (400,), None),
+    ("customer empty", post_order(order_body(customer="")), (400,), None),
+    ("customer not a string", post_order(order_body(customer=5)), (400,), None),
+    ("ref not a string", post_order(order_body(ref=5)), (400,), None),
+    ("deeply nested array", post_order(b"[" * 50000), (400,), None),
+    ("deeply nested object", post_order(b'{"a": ' * 10000), (400,), None),
+]
+
+BAD_FRAMING = [
+    ("body > 64 KiB", post_order(b"x" * 70000), (413,), None),
+    ("no Content-Length", raw(b"POST /orders HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"), FOUR_XX, None),
+    ("Content-Length abc", raw(b"POST /orders HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n"
+                               b"Connection: close\r\n\r\n{}"), (400,), None),
+    ("Content-Length -1", raw(b"POST /orders HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n"
+                              b"Connection: close\r\n\r\n{}"), (400,), None),
+    # U+00B2 in latin-1: str.isdigit() says yes, int() says no
+    ("Content-Length superscript two", raw(b"POST /orders HTTP/1.1\r\nHost: x\r\nContent-Length: \xb2\r\n"
+                                           b"Connection: close\r\n\r\n{}"), (400,), None),
+    ("Content-Length 100, 10 bytes sent, then EOF",
+     raw(b"POST /orders HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\nConnection: close\r\n\r\n0123456789",
+         shutdown_write=True), (400,), None),
+]
+
+BAD_PATHS_AND_METHODS = [
+    ("GET unknown path", http("GET", "/nope"), (404,), None),
+    ("POST unknown path", http("POST", "/nope", ORDER, JSON_HEADERS), (404,), None),
+    ("GET /orders/a/b", http("GET", "/orders/a/b"), (404,), None),
+    ("GET /orders", http("GET", "/orders"), (405,), "POST"),
+    ("DELETE /orders", http("DELETE", "/orders"), (405,), "POST"),
+    ("PUT /orders", http("PUT", "/orders", ORDER, JSON_HEADERS), (405,), "POST"),
+    ("POST /health", http("POST", "/health", {}, JSON_HEADERS), (405,), "GET"),
+    ("POST /orders/<id>", http("POST", "/orders/ord-000001", {}, JSON_HEADERS), (405,), "GET"),
+    ("DELETE /orders/<id>", http("DELETE", "/orders/ord-000001"), (405,), "GET"),
+    ("BREW /orders (unknown method, not 501)", http("BREW", "/orders"), FOUR_XX, None),
+]
+
+GARBAGE_REQUEST_LINES = [
+    ("one-word request line", raw(b"GARBAGE\r\n\r\n"), FOUR_XX, None),
+    ("four-word request line", raw(b"GET /orders HTTP/1.1 extra\r\nHost: x\r\n\r\n"), FOUR_XX, None),
+    ("TLS ClientHello bytes", raw(b"\x16\x03\x01\x00\xa5\x01\x00\x00\xa1\x03\x03\r\n\r\n"), FOUR_XX, None),
+]
+
+
+# === API ===
+
+
+def test_place_get_and_ship_an_order(service):
+    assert all(url.startswith("http://127.0.0.1:") for url in service.urls.values()), service.urls
+    status, headers, body = request(service.urls["orders"] + "/orders", "POST", ORDER, JSON_HEADERS)
+    assert status == 201, body
+    assert (header(headers, "Content-Type") or "").startswith("application/json"), headers
+    assert body["status"] == "placed" and body["amount"] == 2400 and body["order_id"], body
+    order_id = body["order_id"]
+    assert header(headers, "Location") == f"/orders/{order_id}", headers
+
+    status, _, got = request(service.urls["orders"] + f"/orders/{order_id}")
+    assert status == 200 and got["order_id"] == order_id and got["status"] in ("placed", "shipped"), got
+    poll(lambda: request(service.urls["orders"] + f"/orders/{order_id}"),
+         lambda r: r[0] == 200 and r[2].get("status") == "shipped", SHIP_TIMEOUT_S, f"{order_id} to be shipped")
+
+
+def test_health(service):
+    status, _, body = request(service.urls["orders"] + "/health")
+    assert status == 200, body
+
+
+def test_unknown_order_is_404_json(service):
+    got = request(service.urls["orders"] + "/orders/unknown")
+    assert error_problems("GET /orders/unknown", got, (404,)) == []
+
+
+# === BAD INPUT: a 4xx JSON error, never a 5xx, a hang or a traceback ===
+
+
+def test_bad_order_bodies_are_400(service):
+    problems = run_cases(service, BAD_BODIES)
+    assert problems == [], "\n".join(problems)
+
+
+def test_bad_framing_is_4xx(service):
+    problems = run_cases(service, BAD_FRAMING)
+    assert problems == [], "\n".join(problems)
+
+
+def test_unknown_paths_are_404_and_wrong_methods_405_with_allow(service):
+    problems = run_cases(service, BAD_PATHS_AND_METHODS)
+    assert problems == [], "\n".join(problems)
+
+
+def test_garbage_request_line_is_4xx(service):
+    problems = run_cases(service, GARBAGE_REQUEST_LINES)
+    assert problems == [], "\n".join(problems)
+
+
+def test_keeps_serving_after_all_bad_input(service):
+    run_cases(service, BAD_BODIES + BAD_FRAMING + BAD_PATHS_AND_METHODS + GARBAGE_REQUEST_LINES)
+    assert service.proc.poll() is None, "orders exited after bad input"
+    status, _, body = send_unless_shed(post_order(order_body(ref="after-bad")), service)
+    assert status == 201, body
+    assert request(service.urls["orders"] + "/health")[0] == 200
+    assert "Traceback" not in service.stderr(), service.stderr()[-2000:]
+
+
+# === SIMULATORS: chaos control and ground truth ===
+
+
+@pytest.mark.parametrize("role", ["payment", "shipping"])
+def test_simulator_stats(service, role):
+    status, _, stats = request(service.urls[role] + "/stats")
+    assert status == 200 and isinstance(stats, dict), stats
+    assert STATS_KEYS <= stats.keys(), f"missing {STATS_KEYS - stats.keys()}"
+    status, _, stats = request(service.urls[role] + "/stats?refs=1")
+    assert status == 200 and isinstance(stats.get("refs"), dict), stats
+
+
+@pytest.mark.parametrize("role", ["payment", "shipping"])
+def test_simulator_chaos_set_read_reset_refuse(service, role):
+    chaos = service.urls[role] + "/chaos"
+    assert request(chaos, "POST", {"latency_factor": 2}, JSON_HEADERS)[::2] == (200, {"latency_factor": 2})
+    assert request(chaos)[::2] == (200, {"latency_factor": 2})
+    assert request(chaos, "POST", {}, JSON_HEADERS)[::2] == (200, {})
+    assert request(chaos)[::2] == (200, {})
+    problems = []
+    for label, body in (("non-number knob", {"latency_factor": "x"}), ("unknown knob", {"nope": 1}),
+                        ("not JSON", b"{nope"), ("not an object", [1])):
+        status, _, answer = request(chaos, "POST", body, JSON_HEADERS)
+        if status != 400 or not isinstance(answer, dict) or "error" not in answer:
+            problems.append(f"{label}: {status} {answer!r}")
+    assert problems == [], "\n".join(problems)
+    assert request(chaos)[::2] == (200, {}), "a refused chaos request changed the settings"
+
+
+def test_payment_ground_truth_counts_the_ref(service):
+    status, _, body = request(service.urls["orders"] + "/orders", "POST", order_body(ref="r-x"), JSON_HEADERS)
+    assert status == 201, body
+    status, _, stats = request(service.urls["payment"] + "/stats?refs=1")
+    assert status == 200 and stats["refs"].get("r-x") == 1, stats
+    poll(lambda: request(service.urls["shipping"] + "/stats?refs=1")[2],
+         lambda s: isinstance(s, dict) and s.get("refs", {}).get("r-x") == 1, SHIP_TIMEOUT_S, "r-x shipped once")
+
+
+# === PROCESSES ===
+
+
+def group_members(pgid):
+    """The processes still in a process group (Linux /proc), for failure messages."""
+    members = []
+    for pid in filter(str.isdigit, os.listdir("/proc") if os.path.isdir("/proc") else []):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmd = f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid:
+            members.append(f"{pid} [{fields[0]}] {cmd}")
+    return members
+
+
+def test_help(version_path):
+    proc = subprocess.run([sys.executable, version_path, "--help"], capture_output=True, text=True, timeout=30,
+                          stdin=subprocess.DEVNULL, check=False)
+    assert proc.returncode == 0, proc.stderr
+    for flag in ("--host", "--port", "--role", "--payment-url", "--shipping-url"):
+        assert flag in proc.stdout, f"--help does not mention {flag}"
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_signal_to_orders_stops_all_three(version_path, sig):
+    svc = Service(version_path)
+    try:
+        os.kill(svc.proc.pid, sig)  # the orders process only: it must stop its own children
+        assert svc.wait_group_gone(10), f"still running after {sig.name}: {group_members(svc.proc.pid)}"
+        assert "Traceback" not in svc.stderr(), svc.stderr()[-2000:]
+    finally:
+        svc.stop()
+
+
+def test_children_exit_when_orders_is_killed(version_path):
+    svc = Service(version_path)
+    try:
+        os.kill(svc.proc.pid, signal.SIGKILL)  # no chance to clean up: the children must notice
+        assert svc.wait_group_gone(ORPHAN_TIMEOUT_S), f"orphans left: {group_members(svc.proc.pid)}"
+    finally:
+        svc.stop()
+
+
+def start_role(version_path, role, timeout_s=20.0):
+    """Start one simulator alone in its own session; return (process, its URL from the READY line)."""
+    proc = subprocess.Popen([sys.executable, version_path, "--role", role, "--port", "0"], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True, start_new_session=True)
+    deadline, lines = time.monotonic() + timeout_s, []
+    while select.select([proc.stdout], [], [], max(0.0, deadline - time.monotonic()))[0]:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        urls = json.loads(line[6:]) if line.startswith("READY ") else {}
+        if role in urls:
+            return proc, urls[role]
+        lines.append(line)
+    stop_role(proc)
+    raise AssertionError(f"--role {role}: no READY line with a {role} URL within {timeout_s} s; output: {lines}")
+
+
+def stop_role(proc):
+    """Kill the process group of a simulator started by start_role, and reap it."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait(timeout=10)
+    proc.stdout.close()
+
+
+@pytest.mark.parametrize("role", ["payment", "shipping"])
+def test_role_alone_prints_ready_and_serves(version_path, role):
+    proc, url = start_role(version_path, role)
+    try:
+        assert url.startswith("http://127.0.0.1:"), url
+        status, _, stats = request(url + "/stats")
+        assert status == 200 and stats.get("name") == role, stats
+    finally:
+        stop_role(proc)
+
+
+def test_orders_alone_uses_given_dependencies(version_path):
+    payment, payment_url = start_role(version_path, "payment")
+    try:
+        shipping, shipping_url = start_role(version_path, "shipping")
+        try:
+            svc = Service(version_path, "--role", "orders", "--payment-url", payment_url,
+                          "--shipping-url", shipping_url)
+            try:
+                assert svc.urls["payment"] == payment_url and svc.urls["shipping"] == shipping_url, svc.urls
+                status, _, body = request(svc.urls["orders"] + "/orders", "POST", order_body(ref="alone"),
+                                          JSON_HEADERS)
+                assert status == 201, body
+                assert request(payment_url + "/stats?refs=1")[2]["refs"].get("alone") == 1
+                poll(lambda: request(shipping_url + "/stats?refs=1")[2],
+                     lambda s: isinstance(s, dict) and s.get("refs", {}).get("alone") == 1, SHIP_TIMEOUT_S,
+                     "the order to reach the given shipping")
+            finally:
+                svc.stop()
+        finally:
+            stop_role(shipping)
+    finally:
+        stop_role(payment)
