@@ -27,6 +27,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from urllib.parse import urlsplit
 
@@ -134,7 +135,7 @@ async def exchange(host, port, request, deadline):
     finally:
         timer.cancel()
         if transport is not None:
-            transport.abort() if not done.done() or done.exception() else transport.close()
+            transport.abort() if not done.done() or done.cancelled() or done.exception() else transport.close()
 
 
 async def fetch_json(url, method="GET", body=None, timeout_s=3.0):
@@ -171,6 +172,7 @@ class Load:
                 if self.in_flight >= self.max_in_flight:
                     self.records.append((offset, 0.0, 0.0, kind, "capped", 0, 0))
                 else:
+                    self.in_flight += 1  # counted at launch, so arrivals due together respect the cap
                     task = loop.create_task(self.fire(offset, kind))
                     tasks.add(task)
                     task.add_done_callback(tasks.discard)
@@ -188,7 +190,6 @@ class Load:
         intended = self.t0 + offset
         lag = loop.time() - intended
         deadline = intended + self.client_timeout_s
-        self.in_flight += 1
         status, outcome, attempt = 0, "conn", 0
         try:
             for attempt, (host, port, request, on_answer, retry) in enumerate(self.make_request(kind), 1):  # noqa: B007
@@ -347,8 +348,10 @@ class Target:
             line = proc.stdout.readline()
             if line.startswith("READY "):
                 target.urls = json.loads(line[6:])
-                return target  # stdout stays open until the process ends: closing it could kill it
-            if not line and proc.poll() is not None:
+                drain = threading.Thread(target=lambda: [None for _ in proc.stdout], daemon=True)
+                drain.start()  # keep reading: closing the pipe could kill it, a full pipe would block it
+                return target
+            if not line:
                 break
         target.stop()
         tail = open(log.name).read()[-800:]
@@ -365,14 +368,12 @@ class Target:
             while self.group_alive() and time.monotonic() < deadline:
                 self.proc.poll()  # reap our child, so a zombie does not count as alive
                 time.sleep(0.02)
+        if self.proc:
+            self.proc.wait()
         self._forget()
 
     def group_alive(self):
-        try:
-            os.killpg(self.proc.pid, 0)
-            return True
-        except (ProcessLookupError, PermissionError):
-            return False
+        return group_alive(self.proc.pid)
 
     def _forget(self):
         if self in RUNNING:
@@ -391,6 +392,25 @@ class Target:
 
 
 RUNNING = []  # targets to stop on any exit
+
+
+def group_alive(pgid):
+    """Is a process of this group still running? Zombies do not count: some inits never reap them."""
+    try:
+        os.killpg(pgid, 0)
+    except (ProcessLookupError, PermissionError):
+        return False
+    if not os.path.isdir("/proc"):
+        return True
+    for stat in glob.glob("/proc/[0-9]*/stat"):
+        try:
+            with open(stat) as f:
+                state, _, pgrp = f.read().rsplit(")", 1)[1].split()[:3]
+        except (OSError, ValueError):
+            continue
+        if int(pgrp) == pgid and state != "Z":
+            return True
+    return False
 
 
 def version_name(path):
@@ -568,7 +588,8 @@ def percentile(values, q):
     if not values:
         return None
     ordered = sorted(values)
-    return ordered[max(0, math.ceil(q / 100 * len(ordered)) - 1)]
+    rank = math.ceil(round(q * len(ordered) / 100, 9))  # round: 99.9 * 1000 / 100 is 999.0000000000001
+    return ordered[max(0, rank - 1)]
 
 
 def latency_summary(latencies_s):
@@ -837,6 +858,8 @@ def spawn_responder(kind):
                             stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True, start_new_session=True)
     target = Target(f"{kind} responder", {}, proc)
     RUNNING.append(target)
+    if not select.select([proc.stdout], [], [], 10)[0]:
+        raise SystemExit(f"the {kind} responder did not start")
     target.urls = json.loads(proc.stdout.readline()[6:])
     return target
 
