@@ -13,6 +13,9 @@ from urllib.parse import urlsplit
 
 import pytest
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from loadtest import group_alive  # noqa: E402  (one definition of "still running", zombie-aware)
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VERSIONS = sorted(glob.glob(os.path.join(ROOT, "v[01]_[0-9]_*.py")))
 LOADTEST = os.path.join(ROOT, "loadtest.py")
@@ -51,11 +54,7 @@ class Service:
         return self.log.read()
 
     def group_alive(self):
-        try:
-            os.killpg(self.proc.pid, 0)
-            return True
-        except (ProcessLookupError, PermissionError):
-            return False
+        return group_alive(self.proc.pid)
 
     def wait_group_gone(self, timeout_s=10.0):
         """True once every process of the group has exited (reaping our own child as we go)."""

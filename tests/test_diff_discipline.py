@@ -1,0 +1,96 @@
+"""Diff discipline: the same sections in the same order everywhere, identical ones byte-identical,
+and each step a small diff (DESIGN.md section 3: median <= 60 changed lines, none over 120)."""
+import difflib
+import os
+import re
+import statistics
+import subprocess
+
+import pytest
+
+from conftest import VERSIONS, version_id
+
+MARK = re.compile(r"^# === (.+?) ===\s*$", re.M)
+TITLES = ["CONFIG", "BUSINESS LOGIC (identical in every version)", "RELIABILITY", "HTTP FRONT DOOR",
+          "WORLD: SIMULATED DEPENDENCIES (identical in every version)", "MAIN"]
+
+
+def sections(path):
+    """Section title -> its text; the docstring and imports before the first title are '(preamble)'."""
+    text = open(path, encoding="utf-8").read()
+    parts = MARK.split(text)
+    return {"(preamble)": parts[0], **dict(zip(parts[1::2], parts[2::2]))}
+
+
+def without_docstring(path):
+    text = open(path, encoding="utf-8").read()
+    end = text.index('"""', 3) + 3
+    return text[end:].splitlines(keepends=True)
+
+
+def changed_lines(a, b):
+    """Lines added or removed between two version files, outside their header docstrings."""
+    diff = difflib.unified_diff(without_docstring(a), without_docstring(b), n=0)
+    return sum(1 for line in diff if line[:1] in "+-" and not line.startswith(("+++", "---")))
+
+
+@pytest.mark.parametrize("path", VERSIONS, ids=version_id)
+def test_section_titles_in_order(path):
+    assert list(sections(path))[1:] == TITLES
+
+
+def test_identical_sections_are_byte_identical():
+    first = sections(VERSIONS[0])
+    for title in (t for t in TITLES if t.endswith("(identical in every version)")):
+        for path in VERSIONS[1:]:
+            assert sections(path)[title] == first[title], f"{title} differs in {path}: diff it against {VERSIONS[0]}"
+
+
+@pytest.mark.parametrize("path", VERSIONS, ids=version_id)
+def test_header_docstring_shape(path):
+    doc = open(path, encoding="utf-8").read().split('"""')[1]
+    first = doc.splitlines()[0]
+    assert first.startswith(version_id(path).replace("_", ".") + " "), first
+    for field in ("Adds:", "Fixes:", "Still breaks:", "Run:", "Diff:"):
+        assert f"\n{field}" in doc, f"{path} header lacks {field}"
+    assert len(doc.splitlines()) <= 25
+
+
+def test_neighbour_diffs_are_small():
+    sizes = {}
+    for a, b in zip(VERSIONS, VERSIONS[1:]):
+        sizes[f"{version_id(a)}->{version_id(b)}"] = changed_lines(a, b)
+    print("\nchanged lines between neighbours (outside the docstring):", sizes)
+    if sizes:
+        assert max(sizes.values()) <= 120, sizes
+        assert statistics.median(sizes.values()) <= 60, sizes
+
+
+def test_steps_touch_only_the_evolving_sections():
+    """Business logic and the world never change; a step shows up in CONFIG, RELIABILITY, FRONT DOOR, MAIN."""
+    for a, b in zip(VERSIONS, VERSIONS[1:]):
+        sa, sb = sections(a), sections(b)
+        changed = [t for t in TITLES if sa[t] != sb[t]]
+        assert not [t for t in changed if "identical" in t], (a, b, changed)
+
+
+def test_versions_import_nothing_from_each_other():
+    for path in VERSIONS:
+        imports = re.findall(r"^(?:from|import) (\S+)", open(path, encoding="utf-8").read(), re.M)
+        assert not [m for m in imports if m.startswith(("v0_", "v1_", "loadtest"))], path
+
+
+def test_diff_command_in_header_names_the_predecessor():
+    for a, b in zip(VERSIONS, VERSIONS[1:]):
+        doc = open(b, encoding="utf-8").read().split('"""')[1]
+        assert f"diff -u {os.path.basename(a)} {os.path.basename(b)}" in doc
+
+
+def test_git_sees_no_stray_version_files():
+    """Only the nine fixed file names (DESIGN.md): no v0_2_admission_old.py lying around."""
+    names = subprocess.run(["git", "ls-files", "v*.py"], capture_output=True, text=True,
+                           cwd=os.path.dirname(VERSIONS[0])).stdout.split()
+    fixed = {"v0_1_naive.py", "v0_2_admission.py", "v0_3_backpressure.py", "v0_4_timeouts.py",
+             "v0_5_idempotency.py", "v0_6_retries.py", "v0_7_breaker.py", "v0_8_observability.py",
+             "v1_0_composed.py"}
+    assert set(names) <= fixed

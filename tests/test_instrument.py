@@ -1,0 +1,818 @@
+"""The instrument itself: can loadtest.py be trusted?
+
+Open loop (the schedule holds whatever the server does), latency from the intended send time
+(no coordinated omission), client timeouts and connection errors counted, seeded plans, checks
+with reasons, loopback-only safety, the CLI and the JSON shape, and cleanup on exit and Ctrl-C.
+Every server here is an in-test asyncio server on 127.0.0.1 or a process this file starts.
+"""
+import asyncio
+import json
+import math
+import os
+import select
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+from conftest import LOADTEST, ROOT, run_loadtest
+
+sys.path.insert(0, ROOT)
+import loadtest  # noqa: E402
+
+SCENARIO_NAMES = ["steady", "spike", "slow-payment", "slow-shipping", "hang-payment", "flaky-payment",
+                  "retry-storm", "payment-down", "early-warning", "partial-failure"]
+HAS_PROC = os.path.isdir("/proc/self")
+
+
+# --- helpers: in-test servers and load ---------------------------------------------------------
+
+
+class Behaviour(asyncio.Protocol):
+    """An HTTP server whose answer time is decided per request by `delay(now)` (seconds, or None: never)."""
+
+    def __init__(self, delay, status=201, body=b'{"order_id": "x"}'):
+        self.delay, self.status, self.body = delay, status, body
+        self.buf, self.answered, self.transport = b"", False, None
+
+    def connection_made(self, transport):
+        self.transport = transport
+
+    def data_received(self, data):
+        self.buf += data
+        if self.answered or b"\r\n\r\n" not in self.buf:
+            return
+        self.answered = True
+        loop = asyncio.get_running_loop()
+        wait = self.delay(loop.time())
+        if wait is None:
+            return  # never answer (the client's timeout has to deal with it)
+        if wait <= 0:
+            self.reply()
+        else:
+            loop.call_later(wait, self.reply)
+
+    def reply(self):
+        if self.transport.is_closing():
+            return
+        reason = {200: "OK", 201: "Created", 404: "Not Found", 503: "Service Unavailable"}.get(self.status, "X")
+        self.transport.write(f"HTTP/1.1 {self.status} {reason}\r\nContent-Type: application/json\r\n"
+                             f"Connection: close\r\nContent-Length: {len(self.body)}\r\n\r\n".encode() + self.body)
+        self.transport.close()
+
+
+async def serve(delay, **kw):
+    """Start a Behaviour server on 127.0.0.1:0; returns (server, port)."""
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(lambda: Behaviour(delay, **kw), "127.0.0.1", 0, backlog=1024)
+    return server, server.sockets[0].getsockname()[1]
+
+
+def requester(port, attempts=1, retry=False, answers=None):
+    """make_request for Load: POST /orders to 127.0.0.1:port, `attempts` attempts."""
+    request = loadtest.build_request("POST", "127.0.0.1", port, "/orders", {"item": "book", "qty": 1})
+
+    def on_answer(status, body):
+        if answers is not None:
+            answers.append((status, body))
+
+    return lambda kind: [("127.0.0.1", port, request, on_answer, retry)] * attempts
+
+
+def constant_plan(rate, seconds, kind="post"):
+    return [(i / rate, kind) for i in range(int(rate * seconds))]
+
+
+def lat(records):
+    return [r[2] for r in records]
+
+
+# --- helpers: processes (Linux /proc; only processes this file started) --------------------------
+
+
+def stat_of(pid):
+    """(state, ppid, pgrp) of a process, or None if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return fields[0], int(fields[1]), int(fields[2])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def cmdline_of(pid):
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def all_pids():
+    return [int(p) for p in os.listdir("/proc") if p.isdigit()]
+
+
+def threads_of(pid):
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return int(next(line for line in f if line.startswith("Threads:")).split()[1])
+    except (OSError, StopIteration, ValueError):
+        return 0
+
+
+def live_group(pgid):
+    """True while a non-zombie member of the group runs (loadtest's own zombie-aware check)."""
+    return loadtest.group_alive(pgid)
+
+
+def wait_group_gone(pgid, timeout_s):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if not live_group(pgid):
+            return True
+        time.sleep(0.02)
+    return not live_group(pgid)
+
+
+def find_child(parent_pid, needle, proc, timeout_s=30.0):
+    """The pid of a child of parent_pid whose command line contains needle (polled with a deadline)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and proc.poll() is None:
+        for pid in all_pids():
+            st = stat_of(pid)
+            if st and st[1] == parent_pid and needle in cmdline_of(pid):
+                return pid
+        time.sleep(0.02)
+    return None
+
+
+def kill_group(pgid):
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def start_loadtest(*args):
+    """loadtest.py as a process of its own session (its group is its pid)."""
+    return subprocess.Popen([sys.executable, LOADTEST, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            stdin=subprocess.DEVNULL, text=True, start_new_session=True)
+
+
+# === 1. percentile =================================================================================
+
+
+def test_percentile_nearest_rank_on_known_lists():
+    values = list(range(1, 101))
+    assert loadtest.percentile(values, 50) == 50
+    assert loadtest.percentile(values, 90) == 90
+    assert loadtest.percentile(values, 99) == 99
+    assert loadtest.percentile(values, 100) == 100
+    assert loadtest.percentile(values, 1) == 1
+    assert loadtest.percentile(values, 0) == 1
+    assert loadtest.percentile(list(reversed(values)), 99) == 99  # order of the input does not matter
+    assert loadtest.percentile([7.5], 0) == 7.5
+    assert loadtest.percentile([7.5], 50) == 7.5
+    assert loadtest.percentile([7.5], 100) == 7.5
+    assert loadtest.percentile([], 50) is None
+    assert loadtest.percentile([3, 1, 2, 4], 50) == 2  # nearest rank: ceil(0.5 * 4) = 2nd, no interpolation
+    assert loadtest.percentile([3, 1, 2, 4], 51) == 3
+    assert loadtest.percentile([10, 20, 30], 99.9) == 30
+    assert loadtest.percentile(list(range(1, 11)), 99.9) == 10
+
+
+def test_percentile_rank_is_exact_for_every_q():
+    assert loadtest.percentile(list(range(1, 1001)), 99.9) == 999
+    for q in range(1, 101):
+        assert loadtest.percentile(list(range(1, 101)), q) == q
+
+
+def test_latency_summary_in_ms():
+    summary = loadtest.latency_summary([i / 1000 for i in range(1, 101)])  # 1..100 ms
+    assert set(summary) == {"p50", "p90", "p99", "p999", "max"}
+    assert summary["p50"] == 50.0 and summary["p90"] == 90.0 and summary["p99"] == 99.0
+    assert summary["p999"] == 100.0 and summary["max"] == 100.0
+    assert loadtest.latency_summary([]) == {k: None for k in ("p50", "p90", "p99", "p999", "max")}
+
+
+# === 2. outcome_of, build_request ==================================================================
+
+
+@pytest.mark.parametrize("status, outcome", [
+    (200, "ok"), (201, "ok"), (204, "ok"), (503, "shed"), (429, "shed"), (502, "502"), (504, "504"),
+    (404, "4xx"), (400, "4xx"), (409, "4xx"), (500, "5xx"), (501, "5xx")])
+def test_outcome_of(status, outcome):
+    assert loadtest.outcome_of(status) == outcome
+    assert outcome in loadtest.OUTCOMES
+
+
+def parse_request(raw):
+    head, _, body = raw.partition(b"\r\n\r\n")
+    lines = head.decode().split("\r\n")
+    headers = {}
+    for line in lines[1:]:
+        name, _, value = line.partition(":")
+        headers[name.strip().lower()] = value.strip()
+    return lines[0], headers, body
+
+
+def test_build_request_with_body():
+    raw = loadtest.build_request("POST", "127.0.0.1", 8080, "/orders", {"item": "mug", "qty": 2},
+                                 {"Idempotency-Key": "k-1"})
+    assert isinstance(raw, bytes)
+    start, headers, body = parse_request(raw)
+    assert start == "POST /orders HTTP/1.1"
+    assert headers["host"] == "127.0.0.1:8080"
+    assert headers["connection"] == "close"
+    assert int(headers["content-length"]) == len(body)
+    assert headers["content-type"] == "application/json"
+    assert headers["idempotency-key"] == "k-1"
+    assert json.loads(body) == {"item": "mug", "qty": 2}
+
+
+def test_build_request_without_body():
+    start, headers, body = parse_request(loadtest.build_request("GET", "localhost", 9, "/orders/abc"))
+    assert start == "GET /orders/abc HTTP/1.1"
+    assert headers["connection"] == "close"
+    assert headers["content-length"] == "0"
+    assert body == b""
+    assert "content-type" not in headers
+
+
+def test_exchange_reads_a_response():
+    async def main():
+        server, port = await serve(lambda now: 0, status=201, body=b'{"order_id": "o-1"}')
+        try:
+            loop = asyncio.get_running_loop()
+            request = loadtest.build_request("POST", "127.0.0.1", port, "/orders", {"item": "pen"})
+            return await loadtest.exchange("127.0.0.1", port, request, loop.time() + 5)
+        finally:
+            server.close()
+
+    status, body = asyncio.run(main())
+    assert status == 201
+    assert json.loads(body) == {"order_id": "o-1"}
+
+
+# === 3. the open loop keeps its schedule ===========================================================
+
+
+def test_open_loop_keeps_schedule_against_slow_server():
+    rate, seconds, service_s = 100, 2.0, 0.3
+    plan = constant_plan(rate, seconds)
+    peak = [0]
+
+    async def main():
+        server, port = await serve(lambda now: service_s)
+        try:
+            load = loadtest.Load(plan, requester(port), client_timeout_s=5.0)
+
+            def on_tick(t):
+                peak[0] = max(peak[0], load.in_flight)
+
+            started = time.monotonic()
+            await load.run(on_tick)
+            return load, time.monotonic() - started
+        finally:
+            server.close()
+
+    load, wall_s = asyncio.run(main())
+    recs = load.records
+    assert len(recs) == len(plan) == 200, "every planned request must be sent and recorded"
+    outcomes = {r[4] for r in recs}
+    assert outcomes == {"ok"}, f"outcomes {outcomes}"
+    assert sorted(r[0] for r in recs) == [p[0] for p in plan]
+    lag_p99 = loadtest.percentile([r[1] for r in recs], 99)
+    assert lag_p99 < 0.020, f"scheduler lag p99 {lag_p99 * 1000:.1f} ms: requests did not leave on schedule"
+    # Little's law: 100/s x 0.3 s = ~30 in flight. A closed loop would have 1.
+    assert peak[0] >= 10, f"in flight peaked at {peak[0]}: requests waited for earlier answers"
+    latencies = lat(recs)
+    assert min(latencies) >= service_s - 0.01
+    assert loadtest.percentile(latencies, 50) < service_s + 0.15
+    # 200 requests x 0.3 s would take 60 s one after the other; the open loop needs ~2.3 s
+    assert wall_s < seconds + service_s + 2.0
+
+
+# === 4. coordinated omission =======================================================================
+
+
+def test_latency_is_measured_from_intended_time_through_a_stall():
+    rate, seconds = 200, 2.5
+    stall_from, stall_to = 0.7, 1.5  # 0.8 s of 2.5 s (32 %): every request arriving then waits until 1.5
+    plan = constant_plan(rate, seconds)
+    closed = []  # what a closed-loop client (time from its actual send, one request at a time) would report
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        t0 = loop.time() + 0.1
+        start, end = t0 + stall_from, t0 + stall_to
+        server, port = await serve(lambda now: end - now if start <= now < end else 0)
+        try:
+            load = loadtest.Load(plan, requester(port), client_timeout_s=5.0)
+            load.t0 = t0
+            request = loadtest.build_request("GET", "127.0.0.1", port, "/")
+
+            async def closed_loop():
+                for offset, _ in plan:
+                    await asyncio.sleep(max(0.0, t0 + offset - loop.time()))
+                    sent = loop.time()
+                    await loadtest.exchange("127.0.0.1", port, request, sent + 5)
+                    closed.append(loop.time() - sent)
+
+            await asyncio.gather(load.run(), closed_loop())
+            return load
+        finally:
+            server.close()
+
+    load = asyncio.run(main())
+    recs = load.records
+    assert len(recs) == len(plan) and {r[4] for r in recs} == {"ok"}
+    latencies = lat(recs)
+    p50, p99 = loadtest.percentile(latencies, 50), loadtest.percentile(latencies, 99)
+    assert p99 >= 0.5, f"p99 {p99 * 1000:.0f} ms hides a 0.8 s stall that a third of the requests sat through"
+    assert p50 < 0.1, f"p50 {p50 * 1000:.0f} ms: most requests were answered at once"
+    assert loadtest.latency_summary(latencies)["p99"] >= 500
+    # Each request intended inside the stall waited until the stall's end, counted from its intended time,
+    # and it was sent on time (not held back behind the stalled ones).
+    inside = [r for r in recs if stall_from + 0.05 <= r[0] <= stall_to - 0.05]
+    assert len(inside) >= 120
+    for intended, lag, latency, *_ in inside:
+        assert abs(latency - (stall_to - intended)) < 0.1, (intended, latency)
+        assert lag < 0.05, f"request intended at {intended:.3f} s left {lag * 1000:.0f} ms late"
+    slow_share = sum(1 for x in latencies if x >= 0.1) / len(latencies)
+    assert 0.2 <= slow_share <= 0.4, slow_share
+    # A closed-loop measurement of the same stall sees it once, and its p99 says everything was fine.
+    assert len(closed) == len(plan)
+    assert max(closed) >= 0.5
+    assert loadtest.percentile(closed, 99) < 0.25
+
+
+# === 5. client timeout, connection errors, the in-flight cap, retries ==============================
+
+
+def test_client_timeout_against_a_server_that_never_answers():
+    timeout_s = 0.5
+    plan = constant_plan(50, 0.2)  # 10 requests
+
+    async def main():
+        server, port = await serve(lambda now: None)
+        try:
+            load = loadtest.Load(plan, requester(port), client_timeout_s=timeout_s)
+            await load.run()
+            return load
+        finally:
+            server.close()
+
+    recs = asyncio.run(main()).records
+    assert len(recs) == len(plan)
+    for r in recs:
+        assert r[4] == "timeout" and r[5] == 0, r
+        assert timeout_s - 0.01 <= r[2] <= timeout_s + 0.3, f"gave up after {r[2]:.3f} s"
+
+
+def test_refused_connection_is_counted_as_conn():
+    with socket.socket() as sock:  # bound but not listening: connecting is refused, and nobody else gets the port
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+        plan = constant_plan(50, 0.1)
+
+        async def main():
+            load = loadtest.Load(plan, requester(port), client_timeout_s=2.0)
+            await load.run()
+            return load
+
+        recs = asyncio.run(main()).records
+    assert len(recs) == len(plan)
+    for r in recs:
+        assert r[4] == "conn" and r[5] == 0, r
+        assert r[2] < 1.0
+
+
+def test_in_flight_cap_counts_requests_over_it():
+    plan = constant_plan(100, 0.1)  # 10 requests, 10 ms apart, against a server that never answers
+
+    async def main():
+        server, port = await serve(lambda now: None)
+        try:
+            load = loadtest.Load(plan, requester(port), client_timeout_s=0.4, max_in_flight=3)
+            await load.run()
+            return load
+        finally:
+            server.close()
+
+    recs = asyncio.run(main()).records
+    assert len(recs) == len(plan), "capped requests are counted, never silently dropped"
+    outcomes = sorted(r[4] for r in recs)
+    assert outcomes == ["capped"] * 7 + ["timeout"] * 3
+
+
+def test_in_flight_cap_holds_for_arrivals_due_together():
+    plan = [(0.0, "post")] * 10
+
+    async def main():
+        server, port = await serve(lambda now: None)
+        try:
+            load = loadtest.Load(plan, requester(port), client_timeout_s=0.3, max_in_flight=3)
+            await load.run()
+            return load
+        finally:
+            server.close()
+
+    outcomes = sorted(r[4] for r in asyncio.run(main()).records)
+    assert outcomes == ["capped"] * 7 + ["timeout"] * 3
+
+
+@pytest.mark.parametrize("status, outcome, attempts", [(503, "shed", 3), (201, "ok", 1), (404, "4xx", 1)])
+def test_retrying_clients_record_attempts(status, outcome, attempts):
+    plan = constant_plan(100, 0.05)  # 5 logical requests, each may try 3 times
+    answers = []
+
+    async def main():
+        server, port = await serve(lambda now: 0, status=status, body=b"{}")
+        try:
+            load = loadtest.Load(plan, requester(port, attempts=3, retry=True, answers=answers), client_timeout_s=2)
+            await load.run()
+            return load
+        finally:
+            server.close()
+
+    recs = asyncio.run(main()).records
+    assert len(recs) == len(plan)
+    assert {(r[4], r[5], r[6]) for r in recs} == {(outcome, status, attempts)}
+    assert len(answers) == len(plan) * attempts and {a[0] for a in answers} == {status}
+
+
+# === 6. make_plan ==================================================================================
+
+
+def test_make_plan_is_reproducible_with_a_seed():
+    spike = loadtest.SCENARIOS["spike"]
+    a = loadtest.make_plan(spike, 100, False, 7)
+    b = loadtest.make_plan(spike, 100, False, 7)
+    c = loadtest.make_plan(spike, 100, False, 8)
+    assert a == b
+    assert a[0] != c[0]
+
+
+@pytest.mark.parametrize("name", ["steady", "spike"])
+def test_make_plan_rate_matches_load_times_capacity(name):
+    capacity = 100.0
+    plan, phases = loadtest.make_plan(loadtest.SCENARIOS[name], capacity, False, 3)
+    offsets = [t for t, _ in plan]
+    assert offsets == sorted(offsets)
+    assert all(0 <= t < phases[-1]["end"] for t in offsets)
+    for ph in phases:
+        length = ph["end"] - ph["start"]
+        expected = ph["load"] * capacity * length
+        got = sum(1 for t in offsets if ph["start"] <= t < ph["end"])
+        if expected >= 400:  # long enough for the mean to be within 15 %
+            assert abs(got - expected) <= 0.15 * expected, (ph["name"], got, expected)
+        else:
+            assert got > 0, ph["name"]
+    assert {k for _, k in plan} == {"post"}
+
+
+def test_make_plan_phases_carry_start_and_end():
+    for name, scenario in loadtest.SCENARIOS.items():
+        for quick in (False, True):
+            _, phases = loadtest.make_plan(scenario, 100, quick, 1)
+            assert [p["name"] for p in phases] == [p["name"] for p in scenario["phases"]], name
+            assert phases[0]["start"] == 0
+            for prev, nxt in zip(phases, phases[1:], strict=False):
+                assert math.isclose(prev["end"], nxt["start"]), name
+            for ph, spec in zip(phases, scenario["phases"], strict=True):
+                want = spec["quick_s"] if quick else spec["full_s"]
+                assert math.isclose(ph["end"] - ph["start"], want), (name, ph["name"])
+                assert ph["fault"] == spec["fault"] and ph["load"] == spec["load"]
+
+
+def test_quick_phases_are_shorter():
+    for name, scenario in loadtest.SCENARIOS.items():
+        full_plan, full = loadtest.make_plan(scenario, 100, False, 1)
+        quick_plan, quick = loadtest.make_plan(scenario, 100, True, 1)
+        assert quick[-1]["end"] < full[-1]["end"], name
+        assert len(quick_plan) < len(full_plan), name
+
+
+def test_make_plan_duration_stretches_the_fault_window():
+    _, phases = loadtest.make_plan(loadtest.SCENARIOS["spike"], 100, True, 1, duration_s=8)
+    fault = [p for p in phases if p["fault"]]
+    assert len(fault) == 1 and math.isclose(fault[0]["end"] - fault[0]["start"], 8)
+    assert math.isclose(phases[0]["end"], 2) and math.isclose(phases[-1]["end"] - phases[-1]["start"], 4)
+    _, phases = loadtest.make_plan(loadtest.SCENARIOS["steady"], 100, True, 1, duration_s=2)
+    assert math.isclose(phases[-1]["end"], 2)
+
+
+def test_make_plan_mixes_gets_for_payment_down():
+    plan, _ = loadtest.make_plan(loadtest.SCENARIOS["payment-down"], 100, False, 1)
+    share = sum(1 for _, k in plan if k == "get") / len(plan)
+    assert 0.4 <= share <= 0.6
+
+
+# === 7. judge ======================================================================================
+
+
+def test_judge_passes_with_ok_reasons():
+    verdict, reasons = loadtest.judge(loadtest.SCENARIOS["steady"], {"error_pct": 0.0, "p99_ms": 80.0}, None)
+    assert verdict == "pass"
+    assert len(reasons) == 2 and all(r.endswith("(ok)") for r in reasons)
+    assert any("p99_ms" in r and "80" in r for r in reasons)
+
+
+def test_judge_fails_saying_which_bound():
+    verdict, reasons = loadtest.judge(loadtest.SCENARIOS["steady"], {"error_pct": 0.0, "p99_ms": 300.0}, None)
+    assert verdict == "fail"
+    assert any("p99_ms = 300" in r and "needs <= 250" in r for r in reasons), reasons
+    verdict, reasons = loadtest.judge(loadtest.SCENARIOS["hang-payment"],
+                                      {"goodput_pct": 80.0, "p99_ms": 100.0, "held_open_after": 0}, None)
+    assert verdict == "fail" and any("goodput_pct = 80" in r and ">= 95" in r for r in reasons), reasons
+
+
+def test_judge_missing_figure_fails_with_a_reason():
+    verdict, reasons = loadtest.judge(loadtest.SCENARIOS["steady"], {"error_pct": 0.0, "p99_ms": None}, None)
+    assert verdict == "fail"
+    assert any(r.startswith("p99_ms:") and "not measurable" in r and "<= 250" in r for r in reasons), reasons
+    verdict, reasons = loadtest.judge(loadtest.SCENARIOS["retry-storm"], {"amplification": 1.0}, None)
+    assert verdict == "fail"
+    assert any("recovery_s" in r and "never recovered" in r for r in reasons), reasons
+
+
+def test_judge_nothing_shed_is_not_a_failure():
+    figures = {"timeouts": 0, "p99_ms": 200.0, "shed_p99_ms": None, "fault_goodput_x": 0.9}
+    verdict, reasons = loadtest.judge(loadtest.SCENARIOS["spike"], figures, None)
+    assert verdict == "pass", reasons
+    assert any("shed_p99_ms" in r and "nothing shed" in r for r in reasons), reasons
+
+
+def test_every_scenario_check_has_a_known_operator():
+    assert list(loadtest.SCENARIOS) == SCENARIO_NAMES
+    for name, scenario in loadtest.SCENARIOS.items():
+        assert scenario["checks"], name
+        for figure, op, bound in scenario["checks"]:
+            assert op in ("<=", ">=") and isinstance(bound, (int, float)), (name, figure)
+        assert scenario["decisive"] in [c[0] for c in scenario["checks"]], name
+
+
+# === 8. recovery_time ==============================================================================
+
+
+def timeline(rows):
+    """rows: (errors, p99_ms) or (errors, p99_ms, shed) per second, 20 requests offered in each."""
+    return [{"t": t, "offered": 20, "ok": 20 - row[0] - (row[2] if len(row) > 2 else 0), "errors": row[0],
+             "shed": row[2] if len(row) > 2 else 0, "p99_ms": row[1], "fault": False} for t, row in enumerate(rows)]
+
+
+def test_recovery_time_on_synthetic_timelines():
+    healthy = (0, 50.0)
+    tl = timeline([healthy] * 3 + [(5, 900.0)] * 2 + [(2, 50.0), (0, 700.0), healthy, (0, None), healthy])
+    assert loadtest.recovery_time(tl, 5.0) == 2  # seconds 5 and 6 still bad, good from 7 on
+    assert loadtest.recovery_time(timeline([healthy] * 10), 5.0) == 0
+    assert loadtest.recovery_time(timeline([healthy] * 9 + [(1, 50.0)]), 5.0) is None  # bad at the end
+    # a good second followed by a bad one does not count: recovery is "every later second is good"
+    assert loadtest.recovery_time(timeline([healthy] * 5 + [healthy, (1, 40.0), healthy, healthy]), 5.0) == 2
+    # p99 exactly at the bound is good, above is not
+    bound = loadtest.RECOVERED_P99_MS
+    assert loadtest.recovery_time(timeline([healthy] * 5 + [(0, bound + 1), (0, bound)]), 5.0) == 1
+    # a fractional fault end: seconds are counted from the end of the fault
+    assert loadtest.recovery_time(timeline([healthy] * 8), 4.5) == 0.5
+    # shedding (nearly) everything is not recovered, even with a fast p99 of the few accepted
+    assert loadtest.recovery_time(timeline([healthy] * 5 + [(0, 10.0, 15), (0, 10.0, 2), healthy]), 5.0) == 1
+    # fault lasting until the end of the run: no second after it, never recovered
+    assert loadtest.recovery_time(timeline([healthy] * 5), 5.0) is None
+
+
+# === 9. check_loopback =============================================================================
+
+
+@pytest.mark.parametrize("url", ["http://127.0.0.1:8080", "http://localhost:8080", "http://[::1]:8080",
+                                 "http://127.0.0.2:9", "http://LOCALHOST:1/x"])
+def test_check_loopback_allows_loopback(url):
+    assert loadtest.check_loopback(url, False) is None
+    assert loadtest.check_loopback(url, True) is None
+
+
+@pytest.mark.parametrize("url", ["http://10.0.0.1:8080", "http://example.com", "http://example.com:8080/orders",
+                                 "http://localhost.example.com:80", "http://127.0.0.1@example.com/",
+                                 "http://[2001:db8::1]:80", "127.0.0.1:8080"])
+def test_check_loopback_refuses_remote(url):
+    with pytest.raises(SystemExit) as err:
+        loadtest.check_loopback(url, False)
+    assert "loopback" in str(err.value)
+    loadtest.check_loopback(url, True)  # allowed when asked for; no traffic is sent by the check
+
+
+# === 10. CLI =======================================================================================
+
+
+def run_cli(*args, timeout_s=30):
+    return subprocess.run([sys.executable, LOADTEST, *args], capture_output=True, text=True, timeout=timeout_s,
+                          stdin=subprocess.DEVNULL)
+
+
+def test_cli_help():
+    proc = run_cli("--help")
+    assert proc.returncode == 0, proc.stderr
+    for option in ("--target", "--compare", "--quick", "--json", "--calibrate", "--scenario", "--url", "--list"):
+        assert option in proc.stdout, option
+
+
+def test_cli_list_names_all_ten_scenarios():
+    proc = run_cli("--list")
+    assert proc.returncode == 0, proc.stderr
+    for name in SCENARIO_NAMES:
+        assert f"  {name}:" in proc.stdout, name
+    assert proc.stdout.count("pass when:") == 10
+
+
+def test_cli_without_arguments_says_what_to_do():
+    proc = run_cli()
+    assert proc.returncode != 0
+    assert "--target" in proc.stderr
+
+
+def test_cli_refuses_a_remote_url():
+    started = time.monotonic()
+    proc = run_cli("--url", "http://10.1.2.3:8080", "--scenario", "steady")
+    assert proc.returncode != 0
+    assert "loopback" in proc.stderr
+    assert "10.1.2.3" in proc.stderr
+    assert time.monotonic() - started < 20
+    proc = run_cli("--url", "http://127.0.0.1:9", "--payment-url", "http://10.0.0.1:8081", "--scenario", "steady")
+    assert proc.returncode != 0 and "loopback" in proc.stderr
+
+
+def test_cli_unknown_target_and_scenario():
+    proc = run_cli("--target", "v9_9", "--scenario", "steady")
+    assert proc.returncode != 0 and "v9_9" in proc.stderr
+    proc = run_cli("--target", "v0_1", "--scenario", "no-such-thing")
+    assert proc.returncode != 0 and "unknown scenario" in proc.stderr
+
+
+# === 11. a real run: JSON shape, nothing left behind ===============================================
+
+
+def test_json_shape_of_a_quick_steady_run():
+    proc, data = run_loadtest("--target", "v0_1", "--scenario", "steady", "--quick", "--duration", "2",
+                              timeout_s=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert isinstance(data, dict) and list(data) == ["runs"]
+    assert isinstance(data["runs"], list) and len(data["runs"]) == 1
+    run = data["runs"][0]
+    assert run["target"] == "v0_1" and run["scenario"] == "steady"
+    assert run["verdict"] in ("pass", "fail")
+    assert isinstance(run["reasons"], list) and run["reasons"] and all(isinstance(r, str) for r in run["reasons"])
+    assert (run["verdict"] == "pass") == all(r.endswith("(ok)") for r in run["reasons"])
+    latency = run["latency_ms"]
+    assert set(latency) == {"p50", "p90", "p99", "p999", "max"}
+    figures = [latency[k] for k in ("p50", "p90", "p99", "p999", "max")]
+    if figures[0] is not None:
+        assert figures == sorted(figures)
+    counts = run["counts"]
+    assert set(loadtest.OUTCOMES) <= set(counts) and "sent" in counts
+    total = sum(counts[o] for o in loadtest.OUTCOMES)
+    assert 50 <= total <= 170, f"{total} requests for 2 s at 0.5 x 100/s"
+    assert counts["sent"] == total - counts["capped"]
+    assert isinstance(run["ground_truth"], dict)
+    assert {"duplicate_charges", "lost_orders", "amplification"} <= set(run["ground_truth"])
+    assert "recovery_s" in run and run["recovery_s"] is None  # steady has no fault to recover from
+    tl = run["timeline"]
+    assert isinstance(tl, list) and len(tl) == 2
+    for t, second in enumerate(tl):
+        assert {"offered", "ok", "shed", "errors", "p99_ms", "fault"} <= set(second)
+        assert second["t"] == t and second["fault"] is False
+        assert second["ok"] + second["shed"] + second["errors"] <= second["offered"]
+    assert sum(s["offered"] for s in tl) == total
+    assert sum(s["ok"] for s in tl) == counts["ok"]
+
+
+@pytest.mark.skipif(not HAS_PROC, reason="needs /proc to find the version's process")
+def test_normal_exit_leaves_no_process_behind():
+    lt = start_loadtest("--target", "v0_1", "--scenario", "steady", "--quick", "--duration", "1")
+    version = None
+    try:
+        version = find_child(lt.pid, "v0_1_naive.py", lt)
+        out, err = lt.communicate(timeout=120)
+        assert lt.returncode == 0, err[-2000:]
+        assert "steady" in out
+        assert version is not None, "did not see the version process while loadtest ran"
+        assert wait_group_gone(version, 3.0), f"left behind: {live_group(version)}"
+        assert wait_group_gone(lt.pid, 3.0)
+    finally:
+        kill_group(lt.pid)
+        if version:
+            kill_group(version)
+        lt.communicate()
+
+
+# === 12. Ctrl-C and SIGTERM clean up ===============================================================
+
+
+@pytest.mark.skipif(not HAS_PROC, reason="needs /proc to find the version's process")
+@pytest.mark.parametrize("when", ["under-load", "while-starting"])
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_interrupt_stops_everything(sig, when):
+    lt = start_loadtest("--target", "v0_1", "--scenario", "steady", "--quick")
+    version = None
+    try:
+        version = find_child(lt.pid, "v0_1_naive.py", lt)
+        assert version is not None, "did not see the version process start"
+        assert stat_of(version)[2] == version, "the version runs in its own process group"
+        if when == "under-load":
+            # v0_1 has 4 resident threads once it is ready; under load its thread-per-connection server has more.
+            deadline = time.monotonic() + 20
+            while threads_of(version) < 5 and time.monotonic() < deadline and lt.poll() is None:
+                time.sleep(0.005)
+            assert threads_of(version) >= 5, "the load never started (or the version died)"
+        assert lt.poll() is None, "loadtest ended before it was interrupted"
+        os.kill(lt.pid, sig)
+        started = time.monotonic()
+        _, err = lt.communicate(timeout=15)
+        assert time.monotonic() - started < 10, "loadtest took too long to stop"
+        assert lt.returncode == 130, (lt.returncode, err[-2000:])
+        assert "interrupted" in err
+        assert wait_group_gone(version, 5.0), f"left behind: {live_group(version)}"
+        assert wait_group_gone(lt.pid, 5.0)
+    finally:
+        kill_group(lt.pid)
+        if version:
+            kill_group(version)
+        if lt.poll() is None:
+            lt.communicate()
+
+
+FAKE_VERSION = """
+import http.server, json, sys, time
+
+
+class Orders(http.server.BaseHTTPRequestHandler):
+    def do_POST(self):
+        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        body = b'{"order_id": "o"}'
+        self.send_response(201)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Connection", "close")
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Orders)
+print("READY " + json.dumps({"orders": "http://127.0.0.1:%d" % server.server_address[1]}), flush=True)
+time.sleep(0.5)  # descheduled between READY and the banner, as happens on a busy machine
+print("a banner for humans, like every version prints after READY", flush=True)
+server.serve_forever()
+"""
+
+
+def test_a_version_may_print_after_ready(tmp_path):
+    """Regression: loadtest used to close the version's stdout after READY, so a banner printed a moment
+    later raised BrokenPipeError and killed the version (every request then 'conn', verdict FAIL)."""
+    fake = tmp_path / "fake_banner.py"
+    fake.write_text(FAKE_VERSION)
+    proc, data = run_loadtest("--target", str(fake), "--scenario", "steady", "--quick", "--duration", "1",
+                              timeout_s=60)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    counts = data["runs"][0]["counts"]
+    assert counts["conn"] == 0 and counts["ok"] == counts["sent"] > 0, counts
+
+
+# === the calibration responder =====================================================================
+
+
+def test_trivial_responder_answers_an_open_loop():
+    proc = subprocess.Popen([sys.executable, LOADTEST, "--responder", "trivial"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True, start_new_session=True)
+    try:
+        deadline, line = time.monotonic() + 20, ""
+        while time.monotonic() < deadline and not line.startswith("READY "):
+            if not select.select([proc.stdout], [], [], max(0.0, deadline - time.monotonic()))[0]:
+                break
+            line = proc.stdout.readline()
+            if not line:
+                break
+        assert line.startswith("READY "), line
+        url = json.loads(line[6:])["orders"]
+        host, port = url.split("//")[1].rsplit(":", 1)
+        assert host == "127.0.0.1"
+        plan = constant_plan(200, 1.0, kind="get")
+        request = loadtest.build_request("GET", host, int(port), "/")
+
+        async def main():
+            load = loadtest.Load(plan, lambda kind: [(host, int(port), request, lambda s, b: None, False)])
+            await load.run()
+            return load
+
+        recs = asyncio.run(main()).records
+        assert len(recs) == len(plan)
+        assert {(r[4], r[5]) for r in recs} == {("ok", 200)}
+        assert loadtest.percentile(lat(recs), 50) < 0.1
+        os.killpg(proc.pid, signal.SIGTERM)
+        assert proc.wait(timeout=10) == 0
+        assert wait_group_gone(proc.pid, 5.0)
+    finally:
+        kill_group(proc.pid)
+        proc.communicate()

@@ -1,0 +1,84 @@
+"""The lessons, measured: each version passes the scenario it fixes and its predecessor fails it.
+
+Every pair runs the same scenario with the same criteria on both versions (`--quick`) and must
+differ by at least 2x on the scenario's decisive figure, so noise cannot flip a verdict. The full
+staircase (every version on every earlier lesson) is longer: `python -m pytest -m slow`.
+"""
+import pytest
+
+from conftest import VERSIONS, run_loadtest, version_id
+
+PRESENT = {version_id(p) for p in VERSIONS}
+# (scenario, the version that fixes it, its predecessor, True if a higher decisive figure is better)
+PAIRS = [
+    ("spike", "v0_2", "v0_1", False),
+    ("slow-payment", "v0_3", "v0_2", False),
+    ("slow-shipping", "v0_3", "v0_2", False),
+    ("hang-payment", "v0_4", "v0_3", True),
+]
+LESSONS = [(scenario, fixer) for scenario, fixer, _, _ in PAIRS]
+
+
+def quick_runs(*args):
+    """Run loadtest --quick; return its runs and its printed report (for failure messages)."""
+    proc, data = run_loadtest(*args, "--quick")
+    assert proc.returncode == 0 and data, f"loadtest failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return data["runs"], proc.stdout
+
+
+def runs_by_target(*args):
+    runs, out = quick_runs(*args)
+    return {run["target"]: run for run in runs}, out
+
+
+def test_v0_1_passes_steady():
+    runs, out = runs_by_target("--target", "v0_1", "--scenario", "steady")
+    assert runs["v0_1"]["verdict"] == "pass", out
+
+
+@pytest.mark.parametrize("scenario,fixer,predecessor,higher_is_better", PAIRS, ids=[p[0] for p in PAIRS])
+def test_decisive_pair(scenario, fixer, predecessor, higher_is_better):
+    if not {fixer, predecessor} <= PRESENT:
+        pytest.skip(f"{fixer} or {predecessor} not written yet")
+    runs, out = runs_by_target("--compare", f"{predecessor},{fixer}", "--scenario", scenario)
+    before, after = runs[predecessor], runs[fixer]
+    assert before["verdict"] == "fail", f"{predecessor} should fail {scenario}:\n{out}"
+    assert after["verdict"] == "pass", f"{fixer} should pass {scenario}:\n{out}"
+    figure = after["decisive"]
+    worse, better = before["figures"][figure], after["figures"][figure]
+    if higher_is_better:
+        assert better >= 2 * max(worse, 0.1), f"{figure}: {predecessor} {worse} vs {fixer} {better}\n{out}"
+    else:
+        assert worse >= 2 * better, f"{figure}: {predecessor} {worse} vs {fixer} {better}\n{out}"
+
+
+def test_v0_1_spike_piles_up():
+    """The issue's acceptance: spike p99 >= 10x steady p99, and orders' threads climb with the pile-up."""
+    runs, out = runs_by_target("--target", "v0_1", "--scenario", "steady")
+    steady_p99 = runs["v0_1"]["latency_ms"]["p99"]
+    spike_runs, out = runs_by_target("--target", "v0_1", "--scenario", "spike")
+    spike = spike_runs["v0_1"]
+    assert spike["latency_ms"]["p99"] >= 10 * steady_p99, out
+    in_fault = [b for b in spike["timeline"] if b["fault"]]
+    p99s = [b["p99_ms"] for b in in_fault if b["p99_ms"] is not None]
+    assert len(p99s) >= 2 and p99s[-1] > 2 * p99s[0], f"latency should climb through the spike: {p99s}"
+    threads = [b["threads"] for b in in_fault if b["threads"]]
+    if threads:  # where /proc tells
+        assert max(threads) >= 5 * min(b["threads"] for b in spike["timeline"] if b["threads"]), out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("version", sorted(PRESENT))
+def test_no_regression(version):
+    """A version passes steady and every lesson an earlier (or the same) version learned."""
+    earlier = sorted({s for s, fixer in LESSONS if fixer <= version})
+    runs, out = quick_runs("--target", version, "--scenario", ",".join(["steady"] + earlier))
+    failed = [r["scenario"] for r in runs if r["verdict"] != "pass"]
+    assert not failed, f"{version} fails {failed}:\n{out}"
+
+
+def test_lessons_cover_every_version_present():
+    """Each version after v0.1 has its decisive pair here (keeps this file honest as versions land)."""
+    fixers = {fixer for _, fixer, _, _ in PAIRS}
+    missing = sorted(PRESENT - fixers - {"v0_1"})
+    assert not missing, f"no decisive-pair test for {missing}: add its scenario to PAIRS"
