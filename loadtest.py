@@ -17,6 +17,8 @@ requests that were waiting to be sent (coordinated omission, Gil Tene). Pure sta
 import argparse
 import asyncio
 import glob
+import html
+import io
 import ipaddress
 import json
 import math
@@ -394,6 +396,16 @@ class Target:
 RUNNING = []  # targets to stop on any exit
 
 
+def cpu_times():
+    """(total, idle) jiffies of the whole machine, all cores, where /proc/stat tells; else None."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+        return sum(fields), fields[3] + fields[4]
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def group_alive(pgid):
     """Is a process of this group still running? Zombies do not count: some inits never reap them."""
     try:
@@ -530,11 +542,16 @@ async def run_scenario(target, scenario_name, capacity_rps, quick, seed, progres
 
     async def sampler():
         nonlocal alert_at
+        cpu_before = cpu_times()
         while True:
             t = loop.time() - load.t0
             pay, ship = await stats(target, "payment"), await stats(target, "shipping")
             threads, rss = target.process_sample()
-            samples.append({"t": t, "threads": threads, "rss_mb": rss,
+            cpu_now, cpu_pct = cpu_times(), None
+            if cpu_before and cpu_now and cpu_now[0] > cpu_before[0]:  # machine busy %, all cores = 100
+                cpu_pct = round(100 * (1 - (cpu_now[1] - cpu_before[1]) / (cpu_now[0] - cpu_before[0])))
+            cpu_before = cpu_now
+            samples.append({"t": t, "threads": threads, "rss_mb": rss, "cpu_pct": cpu_pct,
                             "shipped": ship["unique_refs"] - before["shipping"]["unique_refs"]
                             if ship and before["shipping"] else None,
                             "payment_queue": pay["queue_depth"] if pay else None,
@@ -635,6 +652,8 @@ def summarise(target, scenario_name, load, phases, capacity_rps, acked, samples,
     threads = [s["threads"] for s in samples if s["threads"]]
     rss = [s["rss_mb"] for s in samples if s["rss_mb"]]
     figures["peak_threads"] = max(threads) if threads else None
+    cpu = [s["cpu_pct"] for s in samples if s["cpu_pct"] is not None]
+    figures["machine_cpu_p90_pct"] = percentile(cpu, 90)  # is capacity set by the simulators, not the CPU?
     figures["peak_rss_mb"] = round(max(rss), 1) if rss else None
     if scenario_name == "early-warning":
         first_error = min((r[0] for r in recs if r[4] not in ("ok",)), default=None)
@@ -678,6 +697,7 @@ def build_timeline(recs, total_s, phases, samples, acked):
         inside = [s for s in samples if b["t"] <= s["t"] < b["t"] + 1]
         last = inside[-1] if inside else {}
         b["threads"] = max((s["threads"] for s in inside if s["threads"]), default=None)
+        b["cpu_pct"] = max((s["cpu_pct"] for s in inside if s["cpu_pct"] is not None), default=None)
         b["payment_queue"] = last.get("payment_queue")
         shipped = last.get("shipped")
         if shipped is not None:
@@ -781,39 +801,82 @@ def print_run(result, out=sys.stdout):
     else:
         w("   ground truth   n/a (no simulator URLs: attach mode)\n")
     w(f"   recovery {fmt(result['recovery_s'], ' s') if result['recovery_s'] is not None else 'n/a'} · "
-      f"peak threads {fmt(f['peak_threads'])} · peak RSS {fmt(f['peak_rss_mb'], ' MiB')} · "
-      f"schedule lag p99 {fmt(f['schedule_lag_p99_ms'], ' ms')}\n")
+      f"peak threads {fmt(f['peak_threads'])} · peak RSS {fmt(f['peak_rss_mb'], ' MiB')} · machine CPU p90 "
+      f"{fmt(f['machine_cpu_p90_pct'], ' %')} · schedule lag p99 {fmt(f['schedule_lag_p99_ms'], ' ms')}\n")
     print_timeline(result["timeline"], out)
     w(f"   {mark}: " + "; ".join(result["reasons"]) + "\n")
 
 
 def print_timeline(timeline, out):
-    """One row per second; '#' marks seconds inside the fault window."""
+    """One row per second; '#' marks seconds inside the fault window; cpu % is the whole machine's."""
     w = out.write
-    w("    t s     offered    ok  shed  errors    p99 ms  threads  pay.queue  backlog  lag s\n")
+    w("    t s     offered    ok  shed  errors    p99 ms  threads  pay.queue  backlog  lag s  cpu %\n")
     for b in timeline:
         w(f"   {b['t']:3d} {'#' if b['fault'] else ' '} {b['offered']:9d} {b['ok']:5d} {b['shed']:5d} {b['errors']:7d}"
           f" {fmt(b['p99_ms']):>9} {fmt(b['threads']):>8} {fmt(b['payment_queue']):>10} {fmt(b['backlog']):>8}"
-          f" {fmt(b['lag_s']):>6}\n")
+          f" {fmt(b['lag_s']):>6} {fmt(b['cpu_pct']):>6}\n")
 
 
 def print_matrix(results, out=sys.stdout):
     """Scenarios x versions: pass/fail with the decisive figure."""
     targets = list(dict.fromkeys(r["target"] for r in results))
     scenarios = list(dict.fromkeys(r["scenario"] for r in results))
-    cell = {(r["scenario"], r["target"]): r for r in results}
-    out.write("\nLesson matrix (✓ pass, ✗ fail; decisive figure)\n")
-    out.write(f"   {'scenario':16s}" + "".join(f"{t:>22s}" for t in targets) + "\n")
+    cell = {}
+    for r in results:
+        mark = "✓ " if r["verdict"] == "pass" else "✗ "
+        cell[(r["scenario"], r["target"])] = f"{mark}{r['decisive']} {fmt(r['figures'].get(r['decisive']))}"
+    width = max([len(c) for c in cell.values()] + [len(t) for t in targets]) + 3
+    out.write("\nLesson matrix (✓ pass, ✗ fail; the scenario's decisive figure)\n")
+    out.write(f"   {'scenario':16s}" + "".join(f"{t:>{width}s}" for t in targets) + "\n")
     for s in scenarios:
-        row = f"   {s:16s}"
-        for t in targets:
-            r = cell.get((s, t))
-            if r is None:
-                row += f"{'-':>22s}"
-                continue
-            fig = r["decisive"]
-            row += f"{('✓ ' if r['verdict'] == 'pass' else '✗ ') + fig + ' ' + fmt(r['figures'].get(fig)):>22s}"
-        out.write(row + "\n")
+        out.write(f"   {s:16s}" + "".join(f"{cell.get((s, t), '-'):>{width}s}" for t in targets) + "\n")
+
+
+def svg_chart(timeline, series, title, height=120, width=520):
+    """One inline SVG line chart over the run's seconds; the fault window shaded."""
+    n = max(1, len(timeline))
+    top = max([b[key] or 0 for b in timeline for key, _ in series] + [1])
+    x = lambda t: 50 + (width - 60) * t / n  # noqa: E731
+    y = lambda v: 22 + (height - 42) * (1 - (v or 0) / top)  # noqa: E731
+    parts = [f'<svg width="{width}" height="{height}" role="img" aria-label="{html.escape(title)}">',
+             f'<text x="50" y="12" font-size="11">{html.escape(title)}</text>']
+    for b in timeline:
+        if b["fault"]:
+            parts.append(f'<rect x="{x(b["t"]):.1f}" y="22" width="{x(1) - x(0) + 0.6:.1f}" height="{height - 42}" '
+                         'fill="#fde2e2"/>')
+    parts.append(f'<line x1="50" y1="{height - 20}" x2="{width - 10}" y2="{height - 20}" stroke="#999"/>'
+                 f'<text x="46" y="{y(top) + 4:.0f}" font-size="10" text-anchor="end">{fmt(top)}</text>'
+                 f'<text x="46" y="{height - 17}" font-size="10" text-anchor="end">0</text>'
+                 f'<text x="{width - 10}" y="{height - 4}" font-size="10" text-anchor="end">t = {n} s</text>')
+    for key, color in series:
+        points = " ".join(f"{x(b['t'] + 0.5):.1f},{y(b[key]):.1f}" for b in timeline if b[key] is not None)
+        parts.append(f'<polyline fill="none" stroke="{color}" stroke-width="2" points="{points}"/>')
+    return "".join(parts) + "</svg>"
+
+
+def write_report(results, path):
+    """One self-contained HTML file: the matrix, then latency and goodput over time for every run."""
+    matrix = io.StringIO()
+    print_matrix(results, matrix)
+    rows = []
+    for r in results:
+        f = r["figures"]
+        rows.append(f'<section><h2>{html.escape(r["target"])} · {html.escape(r["scenario"])} · '
+                    f'<span class="{r["verdict"]}">{r["verdict"].upper()}</span></h2>'
+                    f'<p>{html.escape(SCENARIOS[r["scenario"]]["about"])}. Offered {fmt(f["offered_rps"])} req/s, '
+                    f'goodput {fmt(f["goodput_rps"])} req/s, p99 {fmt(f["p99_ms"])} ms.</p>'
+                    + svg_chart(r["timeline"], [("p99_ms", "#c0392b")], "p99 latency of successes (ms), per second")
+                    + svg_chart(r["timeline"], [("ok", "#27ae60"), ("shed", "#f39c12"), ("errors", "#8e44ad")],
+                                "per second: ok (green), shed (orange), errors (purple)")
+                    + "<ul>" + "".join(f"<li>{html.escape(x)}</li>" for x in r["reasons"]) + "</ul></section>")
+    page = ("<!doctype html><meta charset='utf-8'><title>loadtest report</title><style>"
+            "body{font:14px system-ui,sans-serif;margin:2em;max-width:70em} pre{background:#f6f6f6;padding:1em}"
+            "svg{display:block;margin:.3em 0} .pass{color:#1e8449} .fail{color:#c0392b}</style>"
+            "<h1>Failure-first playground: load test report</h1><p>Fault windows are shaded red. "
+            "Latency is measured from each request's intended send time.</p>"
+            f"<pre>{html.escape(matrix.getvalue().strip())}</pre>" + "".join(rows))
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(page)
 
 
 # === CALIBRATE ===
@@ -915,6 +978,35 @@ async def calibrate(quick, out):
     return results
 
 
+async def probe(target, capacity_rps, quick, out):
+    """A dependency's healthy latency, measured directly: where v0.4's timeouts come from."""
+    results = {}
+    pay, ship = urlsplit(target.urls["payment"]), urlsplit(target.urls["shipping"])
+    plan, _ = make_plan({"phases": [phase("probe", 10, 4, 0.5)]}, capacity_rps, quick, seed=3)
+    refs = iter(range(10**9))
+
+    def call(url, path):
+        body = {"order_id": "probe", "amount": 1, "ref": f"probe-{next(refs)}"}
+        return url.hostname, url.port, build_request("POST", url.hostname, url.port, path, body)
+
+    load = Load(plan, lambda kind: [(*call(pay, "/charge"), lambda status, data: None, False)])
+    await load.run()
+    results["payment"] = latency_summary([r[2] for r in load.records if r[4] == "ok"])
+    loop, latencies = asyncio.get_running_loop(), []
+    for _ in range(300 if quick else 1000):  # one caller in sequence, as the fulfilment worker calls
+        start = loop.time()
+        status, _ = await exchange(*call(ship, "/ship"), start + 5)
+        if status == 200:
+            latencies.append(loop.time() - start)
+    results["shipping"] = latency_summary(latencies)
+    out.write(f"Healthy latency of {target.name}'s dependencies, called directly (ms):\n")
+    out.write(f"   payment  POST /charge  open loop at 0.5 C ({len(load.records)} calls)   "
+              + "  ".join(f"{k} {fmt(v)}" for k, v in results["payment"].items()) + "\n")
+    out.write(f"   shipping POST /ship    one caller in sequence ({len(latencies)} calls)   "
+              + "  ".join(f"{k} {fmt(v)}" for k, v in results["shipping"].items()) + "\n")
+    return results
+
+
 # === MAIN ===
 
 
@@ -954,6 +1046,12 @@ async def run_all(args, out):
             raise SystemExit(f"unknown scenario {', '.join(unknown)}; see --list")
         scenarios_for[t] = names
     progress = make_progress(sys.stderr.isatty())
+    if args.probe:
+        target = Target.spawn(resolve_target(targets[0]), args.seed)
+        try:
+            return [await probe(target, (await stats(target, "payment"))["capacity_rps"], args.quick, out)]
+        finally:
+            target.stop()
     results = []
     for t in targets:
         for name in scenarios_for[t]:
@@ -998,12 +1096,15 @@ def parse_args(argv):
     parser.add_argument("--scenario", help="NAME[,NAME] or 'all' (default: steady + the version's story)")
     parser.add_argument("--quick", action="store_true", help="short phases (for tests and CI)")
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    parser.add_argument("--report", metavar="FILE.html", help="also write a self-contained HTML report (SVG charts)")
     parser.add_argument("--rate", type=float, help="capacity C (req/s) the loads are multiples of (default: read "
                         "from payment's /stats, else 100)")
     parser.add_argument("--duration", type=float, help="seconds of the fault window (or of the whole steady run)")
     parser.add_argument("--seed", type=int, default=1, help="seed of arrivals, payloads and chaos (default 1)")
     parser.add_argument("--payment-url", help="with --url: payment simulator, for faults and ground truth")
     parser.add_argument("--shipping-url", help="with --url: shipping simulator, for faults and ground truth")
+    parser.add_argument("--probe", action="store_true", help="with --target: measure its dependencies' healthy "
+                        "latency directly (where timeouts come from)")
     parser.add_argument("--allow-remote", action="store_true", help="allow a non-loopback --url (never by default)")
     parser.add_argument("--responder", choices=["trivial", "stall"], help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -1050,9 +1151,12 @@ def main(argv=None):
             if url:
                 check_loopback(url, args.allow_remote)
         results = asyncio.run(run_all(args, out))
-        if args.json:
+        if args.json and not args.probe:
             with open(args.json, "w") as f:
                 json.dump({"runs": results}, f, indent=1)
+        if args.report and not args.probe:
+            write_report(results, args.report)
+            out.write(f"\nreport written to {args.report}\n")
         return 0  # the run completed; verdicts are in the output (a naive version is meant to fail)
     except KeyboardInterrupt:
         sys.stderr.write("\ninterrupted: stopping everything this run started\n")

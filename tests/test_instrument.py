@@ -653,10 +653,14 @@ def test_cli_unknown_target_and_scenario():
 # === 11. a real run: JSON shape, nothing left behind ===============================================
 
 
-def test_json_shape_of_a_quick_steady_run():
+def test_json_shape_and_html_report_of_a_quick_steady_run(tmp_path):
+    report = tmp_path / "report.html"
     proc, data = run_loadtest("--target", "v0_1", "--scenario", "steady", "--quick", "--duration", "2",
-                              timeout_s=120)
+                              "--report", str(report), timeout_s=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
+    page = report.read_text(encoding="utf-8")
+    assert page.count("<svg") == 2 and "Lesson matrix" in page and "v0_1 · steady" in page
+    assert "<script" not in page and "http://" not in page and "https://" not in page  # self-contained
     assert isinstance(data, dict) and list(data) == ["runs"]
     assert isinstance(data["runs"], list) and len(data["runs"]) == 1
     run = data["runs"][0]
@@ -816,3 +820,13 @@ def test_trivial_responder_answers_an_open_loop():
     finally:
         kill_group(proc.pid)
         proc.communicate()
+
+
+def test_probe_measures_both_dependencies():
+    proc = subprocess.run([sys.executable, LOADTEST, "--target", "v0_1", "--probe", "--quick"], capture_output=True,
+                          text=True, timeout=120, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = {line.split()[0]: line for line in proc.stdout.splitlines() if "p999" in line}
+    assert set(lines) == {"payment", "shipping"}, proc.stdout
+    p999 = {name: float(line.split("p999 ")[1].split()[0].replace(",", "")) for name, line in lines.items()}
+    assert 40 <= p999["payment"] < 2000 and 0 < p999["shipping"] < 2000, p999  # 40 ms is payment's service time
