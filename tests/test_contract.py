@@ -16,7 +16,7 @@ from http.client import HTTPException
 from urllib.parse import urlsplit
 
 import pytest
-from conftest import Service, request
+from conftest import Service, request, version_id
 
 ORDER = {"item": "book", "qty": 2, "customer": "ada", "ref": "r1"}
 JSON_HEADERS = {"Content-Type": "application/json"}
@@ -444,3 +444,26 @@ def test_orders_alone_uses_given_dependencies(version_path):
             stop_role(shipping)
     finally:
         stop_role(payment)
+
+
+def test_a_trickling_client_cannot_pin_a_worker(service, version_path):
+    """From v0.4 on: the whole request must arrive within a deadline, however slowly bytes trickle in."""
+    if version_id(version_path) < "v0_4":
+        pytest.skip("client read deadlines arrive in v0.4")
+    parts = urlsplit(service.urls["orders"])
+    request = b'POST /orders HTTP/1.1\r\nContent-Length: 40\r\n\r\n{"item": "book", "qty": 1'
+    started = time.monotonic()
+    with socket.create_connection((parts.hostname, parts.port), timeout=10) as sock:
+        answer = b""
+        try:
+            for byte in request:  # one byte every 0.3 s: each read is quick, the request never ends
+                sock.sendall(bytes([byte]))
+                time.sleep(0.3)  # the client's pace (the behaviour under test), not synchronisation
+                if time.monotonic() - started > 6:
+                    break
+            answer = sock.recv(4096)
+        except OSError:
+            pass  # cut off: also fine, as long as it happened at the deadline
+    elapsed = time.monotonic() - started
+    assert elapsed < 6, f"a trickling client held a worker for {elapsed:.1f} s"
+    assert answer == b"" or answer.startswith(b"HTTP/1.0 408") or b" 408 " in answer.split(b"\r\n")[0]
