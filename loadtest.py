@@ -679,7 +679,8 @@ def _ms(seconds):
 def build_timeline(recs, total_s, phases, samples, acked):
     """Per-second buckets by intended send time: offered, ok, shed, errors, p99, and samples."""
     seconds = int(math.ceil(total_s))
-    buckets = [{"t": s, "offered": 0, "ok": 0, "shed": 0, "errors": 0, "lat": []} for s in range(seconds)]
+    buckets = [{"t": s, "offered": 0, "ok": 0, "shed": 0, "errors": 0, "timeouts": 0, "lat": []}
+               for s in range(seconds)]
     for r in recs:
         b = buckets[min(int(r[0]), seconds - 1)]
         b["offered"] += 1
@@ -690,6 +691,7 @@ def build_timeline(recs, total_s, phases, samples, acked):
             b["shed"] += 1
         elif r[4] != "4xx":
             b["errors"] += 1
+            b["timeouts"] += r[4] == "timeout"
     ack_times = sorted(acked.values())
     for b in buckets:
         b["p99_ms"] = _ms(percentile(b.pop("lat"), 99))
@@ -810,10 +812,12 @@ def print_run(result, out=sys.stdout):
 def print_timeline(timeline, out):
     """One row per second; '#' marks seconds inside the fault window; cpu % is the whole machine's."""
     w = out.write
+    gave_up = f">{CLIENT_TIMEOUT_S * 1000:,.0f}"  # p99 when over 1% of users gave up: n/a would hide it
     w("    t s     offered    ok  shed  errors    p99 ms  threads  pay.queue  backlog  lag s  cpu %\n")
     for b in timeline:
+        p99 = gave_up if b["timeouts"] > 0.01 * b["offered"] else fmt(b["p99_ms"])
         w(f"   {b['t']:3d} {'#' if b['fault'] else ' '} {b['offered']:9d} {b['ok']:5d} {b['shed']:5d} {b['errors']:7d}"
-          f" {fmt(b['p99_ms']):>9} {fmt(b['threads']):>8} {fmt(b['payment_queue']):>10} {fmt(b['backlog']):>8}"
+          f" {p99:>9} {fmt(b['threads']):>8} {fmt(b['payment_queue']):>10} {fmt(b['backlog']):>8}"
           f" {fmt(b['lag_s']):>6} {fmt(b['cpu_pct']):>6}\n")
 
 
