@@ -466,4 +466,4 @@ def test_a_trickling_client_cannot_pin_a_worker(service, version_path):
             pass  # cut off: also fine, as long as it happened at the deadline
     elapsed = time.monotonic() - started
     assert elapsed < 6, f"a trickling client held a worker for {elapsed:.1f} s"
-    assert answer == b"" or answer.startswith(b"HTTP/1.0 408") or b" 408 " in answer.split(b"\r\n")[0]
+    assert answer == b"", f"expected the connection closed at the deadline, got {answer[:80]!r}"
