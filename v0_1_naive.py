@@ -64,7 +64,7 @@ def parse_order(body):
     if not isinstance(data, dict):
         raise ValidationError("body must be a JSON object")
     item, qty, customer, ref = (data.get(k) for k in ("item", "qty", "customer", "ref"))
-    if item not in CATALOG_CENTS:
+    if not isinstance(item, str) or item not in CATALOG_CENTS:  # a dict or list is not even hashable
         raise ValidationError(f"item must be one of {sorted(CATALOG_CENTS)}")
     if type(qty) is not int or not 1 <= qty <= MAX_QTY:  # type(): True is an int in Python
         raise ValidationError(f"qty must be an integer from 1 to {MAX_QTY}")
