@@ -168,7 +168,7 @@ class OrdersHandler(BaseHTTPRequestHandler):
     """The orders API: POST /orders, GET /orders/<id>, GET /health."""
 
     server_version = "orders"
-    disable_nagle_algorithm = True  # avoid the 40 ms Nagle/delayed-ACK stall (DESIGN.md)
+    disable_nagle_algorithm = True  # headers and body in one packet: no 40 ms Nagle/delayed-ACK stall
 
     def do_GET(self):
         path = urlsplit(self.path).path
@@ -262,7 +262,7 @@ class OrdersServer(ThreadingHTTPServer):
     """Naive on purpose: one new thread per connection, with no limit on how many."""
 
     daemon_threads = True
-    request_queue_size = 1024  # the default 5 drops SYNs and adds 1 s tails (DESIGN.md)
+    request_queue_size = 1024  # the default 5 drops SYNs under a burst: a dropped SYN is resent after 1 s
 
     def handle_error(self, request, client_address):
         print(f"error serving {client_address}: {sys.exc_info()[1]!r}", file=sys.stderr)

@@ -203,7 +203,7 @@ class OrdersHandler(BaseHTTPRequestHandler):
     """The orders API: POST /orders, GET /orders/<id>, GET /health."""
 
     server_version = "orders"
-    disable_nagle_algorithm = True  # avoid the 40 ms Nagle/delayed-ACK stall (DESIGN.md)
+    disable_nagle_algorithm = True  # headers and body in one packet: no 40 ms Nagle/delayed-ACK stall
 
     def do_GET(self):
         path = urlsplit(self.path).path
@@ -296,7 +296,7 @@ class OrdersHandler(BaseHTTPRequestHandler):
 class OrdersServer(HTTPServer):
     """A fixed pool of WORKERS threads behind a bounded queue of accepted connections."""
 
-    request_queue_size = 1024  # the default 5 drops SYNs and adds 1 s tails (DESIGN.md)
+    request_queue_size = 1024  # the default 5 drops SYNs under a burst: a dropped SYN is resent after 1 s
     overloaded = json.dumps({"error": "overloaded", "detail": "all workers busy, retry later"}).encode()
 
     def __init__(self, address, handler):

@@ -214,7 +214,7 @@ class OrdersHandler(BaseHTTPRequestHandler):
     """The orders API: POST /orders, GET /orders/<id>, GET /health."""
 
     server_version = "orders"
-    disable_nagle_algorithm = True  # avoid the 40 ms Nagle/delayed-ACK stall (DESIGN.md)
+    disable_nagle_algorithm = True  # headers and body in one packet: no 40 ms Nagle/delayed-ACK stall
 
     def setup(self):
         super().setup()  # then read the request through a deadline: a trickle cannot pin a worker
@@ -325,7 +325,7 @@ class DeadlineReader(io.RawIOBase):
 class OrdersServer(HTTPServer):
     """A fixed pool of WORKERS threads behind a bounded queue of accepted connections."""
 
-    request_queue_size = 1024  # the default 5 drops SYNs and adds 1 s tails (DESIGN.md)
+    request_queue_size = 1024  # the default 5 drops SYNs under a burst: a dropped SYN is resent after 1 s
     overloaded = json.dumps({"error": "overloaded", "detail": "all workers busy, retry later"}).encode()
 
     def __init__(self, address, handler):
