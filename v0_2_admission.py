@@ -350,7 +350,8 @@ class Dependency:
         if key in self.answers:  # as real payment APIs do: replay, 409 in flight, 422 misuse
             first, answer = self.answers[key]
             status = 422 if first != payload else 409 if answer is None else 200
-            self.stats["replayed"] += status == 200
+            if status == 200:
+                self.stats["replayed"] += 1
             return await respond(writer, status, answer or {"error": HTTPStatus(status).phrase})
         if key:
             self.answers[key] = [payload, None]
@@ -403,7 +404,8 @@ class Dependency:
                 continue
             self.commits[job["ref"]] += 1
             self.stats["commits"] += 1
-            self.stats["zombie"] += job["gone"]
+            if job["gone"]:
+                self.stats["zombie"] += 1
             answer = {"ref": job["ref"], "status": "committed"}
             if job["key"]:
                 self.answers[job["key"]][1] = answer
@@ -446,7 +448,8 @@ async def read_request(reader):
     length = int(headers.get("content-length", 0))
     if not 0 <= length <= MAX_BODY_BYTES:
         raise ValueError("bad Content-Length")
-    return (method, *target.partition("?")[::2], headers, await reader.readexactly(length))
+    path, _, query = target.partition("?")
+    return method, path, query, headers, await reader.readexactly(length)
 
 
 async def respond(writer, status, obj):
@@ -479,7 +482,11 @@ def start_child(role, host, port, seed):
     proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--role", role, "--host", host,
                              "--port", str(port), "--seed", str(seed)], stdout=subprocess.PIPE, text=True)
     lines = queue.Queue()
-    threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True).start()
+
+    def read_lines():  # keep reading for the child's whole life: a full pipe would block it
+        for line in proc.stdout:
+            lines.put(line)
+    threading.Thread(target=read_lines, daemon=True).start()
     try:
         return proc, json.loads(lines.get(timeout=15).split(" ", 1)[1])[role]
     except (queue.Empty, IndexError, ValueError, KeyError):
@@ -516,7 +523,8 @@ def main(argv=None):
             if urls[role] is None and args.role == "orders":
                 urls[role] = f"http://{args.host}:{port + offset}"
             elif urls[role] is None:
-                child, urls[role] = start_child(role, args.host, port and port + offset, args.seed + offset)
+                child_port = 0 if port == 0 else port + offset  # 0: let the OS pick a free port
+                child, urls[role] = start_child(role, args.host, child_port, args.seed + offset)
                 children.append(child)
         DEPENDENCY_URLS.update(urls)
         with OrdersServer((args.host, port), OrdersHandler) as server:

@@ -46,7 +46,7 @@ SEED = 42  # all randomness comes from random.Random(SEED)
 MAX_ATTEMPTS = 5  # naive: retry immediately, on any error, up to 5 times in all
 ADMIT_RATE_RPS = 90  # 90% of C: random arrivals at utilisation -> 1 queue without bound
 ADMIT_BURST = 10  # absorbs a short burst without shedding; small, so queueing stays small
-WORKERS = 8  # Little's law: 100 orders/s x ~50 ms each = 5 busy on average; 8 leaves headroom
+ORDER_WORKERS = 8  # Little's law: 100 orders/s x ~50 ms each = 5 busy on average; 8 leaves headroom
 ACCEPT_QUEUE_MAX = 8  # waits at most 8 / 100 per s = 80 ms when healthy; a buffer, not a parking lot
 EVENTS_MAX = 30  # ~1 s of shipping even when shipping is 5x slower; past that, intake says 503
 CONNECT_TIMEOUT_S = 0.1  # a loopback connect takes well under 1 ms; 100 ms means nobody is there
@@ -323,7 +323,7 @@ class DeadlineReader(io.RawIOBase):
 
 
 class OrdersServer(HTTPServer):
-    """A fixed pool of WORKERS threads behind a bounded queue of accepted connections."""
+    """A fixed pool of ORDER_WORKERS threads behind a bounded queue of accepted connections."""
 
     request_queue_size = 1024  # the default 5 drops SYNs under a burst: a dropped SYN is resent after 1 s
     overloaded = json.dumps({"error": "overloaded", "detail": "all workers busy, retry later"}).encode()
@@ -331,7 +331,7 @@ class OrdersServer(HTTPServer):
     def __init__(self, address, handler):
         super().__init__(address, handler)
         self.accepted = queue.Queue(ACCEPT_QUEUE_MAX)
-        for _ in range(WORKERS):
+        for _ in range(ORDER_WORKERS):
             threading.Thread(target=self.work, daemon=True).start()
 
     def process_request(self, request, client_address):
@@ -425,7 +425,8 @@ class Dependency:
         if key in self.answers:  # as real payment APIs do: replay, 409 in flight, 422 misuse
             first, answer = self.answers[key]
             status = 422 if first != payload else 409 if answer is None else 200
-            self.stats["replayed"] += status == 200
+            if status == 200:
+                self.stats["replayed"] += 1
             return await respond(writer, status, answer or {"error": HTTPStatus(status).phrase})
         if key:
             self.answers[key] = [payload, None]
@@ -478,7 +479,8 @@ class Dependency:
                 continue
             self.commits[job["ref"]] += 1
             self.stats["commits"] += 1
-            self.stats["zombie"] += job["gone"]
+            if job["gone"]:
+                self.stats["zombie"] += 1
             answer = {"ref": job["ref"], "status": "committed"}
             if job["key"]:
                 self.answers[job["key"]][1] = answer
@@ -521,7 +523,8 @@ async def read_request(reader):
     length = int(headers.get("content-length", 0))
     if not 0 <= length <= MAX_BODY_BYTES:
         raise ValueError("bad Content-Length")
-    return (method, *target.partition("?")[::2], headers, await reader.readexactly(length))
+    path, _, query = target.partition("?")
+    return method, path, query, headers, await reader.readexactly(length)
 
 
 async def respond(writer, status, obj):
@@ -554,7 +557,11 @@ def start_child(role, host, port, seed):
     proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--role", role, "--host", host,
                              "--port", str(port), "--seed", str(seed)], stdout=subprocess.PIPE, text=True)
     lines = queue.Queue()
-    threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True).start()
+
+    def read_lines():  # keep reading for the child's whole life: a full pipe would block it
+        for line in proc.stdout:
+            lines.put(line)
+    threading.Thread(target=read_lines, daemon=True).start()
     try:
         return proc, json.loads(lines.get(timeout=15).split(" ", 1)[1])[role]
     except (queue.Empty, IndexError, ValueError, KeyError):
@@ -591,7 +598,8 @@ def main(argv=None):
             if urls[role] is None and args.role == "orders":
                 urls[role] = f"http://{args.host}:{port + offset}"
             elif urls[role] is None:
-                child, urls[role] = start_child(role, args.host, port and port + offset, args.seed + offset)
+                child_port = 0 if port == 0 else port + offset  # 0: let the OS pick a free port
+                child, urls[role] = start_child(role, args.host, child_port, args.seed + offset)
                 children.append(child)
         DEPENDENCY_URLS.update(urls)
         with OrdersServer((args.host, port), OrdersHandler) as server:
