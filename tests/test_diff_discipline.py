@@ -66,6 +66,20 @@ def test_neighbour_diffs_are_small():
         assert statistics.median(sizes.values()) <= 60, sizes
 
 
+EVOLVING = ["CONFIG", "BUSINESS LOGIC (identical in every version)", "RELIABILITY", "HTTP FRONT DOOR"]
+
+
+def test_line_budget():
+    """DESIGN.md section 3: the part a learner reads (the evolving sections) stays short; the world and
+    MAIN are identical or nearly so and fold away in a diff. v0.1 ~250 lines, v1.0 ~500, whole v1.0 ~900."""
+    evolving = {version_id(p): sum(sections(p)[t].count("\n") for t in EVOLVING) for p in VERSIONS}
+    print("\nlines in the evolving sections:", evolving)
+    assert evolving.get("v0_1", 0) <= 250, evolving
+    assert max(evolving.values()) <= 500, evolving
+    for path in VERSIONS:
+        assert open(path, encoding="utf-8").read().count("\n") <= 900, path
+
+
 def test_steps_touch_only_the_evolving_sections():
     """Business logic and the world never change; a step shows up in CONFIG, RELIABILITY, FRONT DOOR, MAIN."""
     for a, b in zip(VERSIONS, VERSIONS[1:]):
