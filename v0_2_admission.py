@@ -309,6 +309,8 @@ class Dependency:
         self.name, self.workers, self.service_s = name, workers, service_ms / 1000
         self.rng, self.chaos, self.stats = random.Random(seed), {}, collections.Counter()
         self.commits = collections.Counter()  # ref -> times committed: duplicates show here
+        self.calls = collections.Counter()  # ref -> calls received, cheap refusals (409, replay) included
+        self.worked = collections.Counter()  # ref -> calls that took a worker slot: the real work done
         self.answers = {}  # Idempotency-Key -> [request body, answer (None while in flight)]
 
     async def handle(self, reader, writer):
@@ -342,6 +344,7 @@ class Dependency:
     async def serve(self, reader, writer, headers, payload):
         """One call: chaos first, then Idempotency-Key, then the FIFO and a worker slot."""
         self.stats["calls"] += 1
+        self.calls[str(payload["ref"])] += 1
         key, chaos = headers.get("idempotency-key"), self.chaos
         if chaos.get("down"):
             return writer.transport.abort()  # reset at once, as fast as a refused connect
@@ -394,6 +397,8 @@ class Dependency:
                 job["done"].set_result((504, {"error": "deadline exceeded"}))
                 continue
             self.stats["in_flight"] += 1
+            self.stats["worked"] += 1
+            self.worked[job["ref"]] += 1
             await asyncio.sleep(self.service_s * self.chaos.get("latency_factor", 1))
             self.stats["in_flight"] -= 1
             roll, error_rate = self.rng.random(), self.chaos.get("error_rate", 0)
@@ -421,10 +426,12 @@ class Dependency:
         snap = {"name": self.name, "capacity_rps": self.workers / self.service_s, "chaos": self.chaos,
                 "queue_depth": self.queue.qsize(), "unique_refs": len(self.commits),
                 "duplicates": sum(1 for n in self.commits.values() if n > 1)}
-        for key in ("calls", "commits", "replayed", "failed", "ambiguous", "hung", "held_open",
+        for key in ("calls", "worked", "commits", "replayed", "failed", "ambiguous", "hung", "held_open",
                     "in_flight", "queue_peak", "zombie", "expired_dropped"):
             snap[key] = self.stats[key]
-        return dict(snap, refs=dict(self.commits)) if with_refs else snap
+        if with_refs:  # per ref: commits, calls (cheap ones too) and calls that took a worker slot
+            snap.update(refs=dict(self.commits), calls_by_ref=dict(self.calls), work_by_ref=dict(self.worked))
+        return snap
 
     async def run(self, host, port):
         """Listen and serve until our parent process is gone (so no orphan outlives it)."""
