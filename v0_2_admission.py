@@ -52,11 +52,14 @@ class ValidationError(Exception):
 
 
 class DependencyError(Exception):
-    """A dependency failed; `status` is our answer: 502 bad or no answer, 504 too slow."""
+    """A dependency failed; `status` is our answer: 502 bad or no answer, 504 too slow.
 
-    def __init__(self, status, detail):
+    `retryable`: could the same call succeed if tried again; `retry_after_s`: the dependency's hint."""
+
+    def __init__(self, status, detail, retryable=True, retry_after_s=None):
         super().__init__(detail)
         self.status, self.detail = status, detail
+        self.retryable, self.retry_after_s = retryable, retry_after_s
 
 
 def parse_order(body):
@@ -154,8 +157,11 @@ def http_post(url, payload, headers, connect_timeout_s, timeout_s):
         raise DependencyError(502, f"{url} failed: {exc.__class__.__name__}") from None
     finally:
         conn.close()
-    if resp.status >= 300:
-        raise DependencyError(502, f"{url} answered {resp.status}")
+    if resp.status >= 300:  # 409 still in flight, 429 and 5xx overloaded or failed; any other 4xx is final
+        retryable = resp.status in (409, 429) or resp.status >= 500
+        hint = resp.getheader("Retry-After", "")
+        retry_after_s = int(hint) if hint.isascii() and hint.isdigit() else None  # seconds; an HTTP date is ignored
+        raise DependencyError(502, f"{url} answered {resp.status}", retryable, retry_after_s)
     try:
         return json.loads(data)
     except ValueError:
