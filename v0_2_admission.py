@@ -226,12 +226,16 @@ class OrdersHandler(BaseHTTPRequestHandler):
         refusal = admit()  # after validation: bad input hears "400, fix it", never "503, retry"
         if refusal:
             return self.error(*refusal)
+        self.reply(*self.place(fields))
+
+    def place(self, fields):
+        """Place the order and return our answer to it: (status, JSON object, headers)."""
         try:
             order = place_order(fields)
         except DependencyError as exc:
-            return self.error(exc.status, "payment failed", exc.detail)
+            return exc.status, {"error": "payment failed", "detail": exc.detail}, {}
         answer = {k: order[k] for k in ("order_id", "status", "amount")}
-        self.reply(201, answer, {"Location": f"/orders/{order['order_id']}"})
+        return 201, answer, {"Location": f"/orders/{order['order_id']}"}
 
     def do_other(self):
         """Unknown path: 404. Known path, wrong method: 405 with Allow."""
