@@ -501,7 +501,7 @@ async def run_scenario(target, scenario_name, capacity_rps, quick, seed, progres
     orders = urlsplit(target.urls["orders"])
     host, port = orders.hostname, orders.port
     run_id = f"{scenario_name}-{seed}-{os.getpid()}-{int(time.time() * 1000) % 10**8}"
-    refs, ids, acked = iter(range(10**9)), [], {}  # acked: ref -> time of the 201
+    refs, ids, acked, sent = iter(range(10**9)), [], {}, {}  # acked: ref -> time of the 201; sent: ref -> sent at
     rng = random.Random(seed + 1)
     retries = scenario.get("client_retries", 0)
     loop = asyncio.get_running_loop()
@@ -511,6 +511,7 @@ async def run_scenario(target, scenario_name, capacity_rps, quick, seed, progres
             request = build_request("GET", host, port, f"/orders/{rng.choice(ids)}")
             return [(host, port, request, lambda s, b: None, False)]
         ref = f"{run_id}-{next(refs)}"
+        sent[ref] = loop.time() - load.t0
         body = {"item": rng.choice(["book", "mug", "pen"]), "qty": rng.randint(1, 3), "customer": "load", "ref": ref}
         request = build_request("POST", host, port, "/orders", body, {"Idempotency-Key": ref})
 
@@ -590,7 +591,7 @@ async def run_scenario(target, scenario_name, capacity_rps, quick, seed, progres
     sampling.cancel()
     after = {role: await stats(target, role, refs=True) for role in ("payment", "shipping")}
     progress("")
-    result = summarise(target, scenario_name, load, phases, capacity_rps, acked, samples, before, after,
+    result = summarise(target, scenario_name, load, phases, capacity_rps, acked, sent, samples, before, after,
                        run_id, alert_at)
     if problems:  # the run did not do what the scenario says: never report it as a pass
         result["verdict"], result["reasons"] = "fail", problems + result["reasons"]
@@ -614,7 +615,8 @@ def latency_summary(latencies_s):
             for name, q in (("p50", 50), ("p90", 90), ("p99", 99), ("p999", 99.9), ("max", 100))}
 
 
-def summarise(target, scenario_name, load, phases, capacity_rps, acked, samples, before, after, run_id, alert_at):
+def summarise(target, scenario_name, load, phases, capacity_rps, acked, sent, samples, before, after, run_id,
+              alert_at):
     """Everything a run measured, the figures the checks use, and the verdict."""
     scenario, recs = SCENARIOS[scenario_name], load.records
     fault = [p for p in phases if p["fault"]]
@@ -647,7 +649,8 @@ def summarise(target, scenario_name, load, phases, capacity_rps, acked, samples,
         figures["get_p99_ms"] = _ms(percentile([r[2] for r in gets if r[4] == "ok"], 99))
     timeline = build_timeline(recs, total_s, phases, samples, acked)
     figures["recovery_s"] = recovery_time(timeline, fault_end) if fault else None
-    truth = ground_truth(before, after, run_id, acked, counts, timeline)
+    fault_refs = {ref for ref, t in sent.items() if fault and fault_start <= t < fault_end}
+    truth = ground_truth(before, after, run_id, acked, fault_refs, timeline)
     figures.update({k: v for k, v in truth.items() if not isinstance(v, dict)})
     threads = [s["threads"] for s in samples if s["threads"]]
     rss = [s["rss_mb"] for s in samples if s["rss_mb"]]
@@ -727,15 +730,28 @@ def recovery_time(timeline, fault_end):
     return None if good_from is None else max(0, good_from - fault_end)
 
 
-def ground_truth(before, after, run_id, acked, counts, timeline):
-    """Duplicates, lost orders, amplification and zombie work, from the simulators' /stats."""
+def per_order(by_ref, refs):
+    """Mean of a per-ref count over the orders that reached the dependency (None if none did)."""
+    reached = [by_ref[ref] for ref in refs if ref in by_ref]
+    return round(sum(reached) / len(reached), 2) if reached else None
+
+
+def ground_truth(before, after, run_id, acked, fault_refs, timeline):
+    """Duplicates, lost and orphan orders, amplification and zombie work, from the simulators' /stats."""
     pay, ship = after.get("payment"), after.get("shipping")
     truth = {}
     if pay and before.get("payment"):
         charged = {ref: n for ref, n in pay.get("refs", {}).items() if ref.startswith(run_id)}
         truth["duplicate_charges"] = sum(1 for n in charged.values() if n > 1)
+        truth["orphan_charges"] = sum(1 for ref in charged if ref not in acked)  # charged, but told it failed
         truth["payment_calls"] = pay["calls"] - before["payment"]["calls"]
-        truth["amplification"] = round(truth["payment_calls"] / max(1, counts["attempts"]), 2)
+        calls = {ref: n for ref, n in pay.get("calls_by_ref", {}).items() if ref.startswith(run_id)}
+        work = {ref: pay.get("work_by_ref", {}).get(ref, 0) for ref in calls}
+        # Amplification is work: calls that took one of payment's worker slots (zombie work included), per
+        # order that reached payment. Cheap refusals (a 409 "in flight", a replayed answer) are calls, not work.
+        truth["amplification"] = per_order(work, calls)
+        truth["fault_amplification"] = per_order(work, fault_refs & set(calls))
+        truth["calls_per_order"] = per_order(calls, calls)
         truth["zombie_work"] = pay["zombie"] - before["payment"]["zombie"]
         truth["held_open_after"] = pay["held_open"]
         truth["payment_queue_peak"] = pay["queue_peak"]
@@ -796,10 +812,12 @@ def print_run(result, out=sys.stdout):
       + f"   (attempts {c['attempts']})\n")
     g = result["ground_truth"]
     if g:
-        w(f"   ground truth   duplicate charges {fmt(g.get('duplicate_charges'))} · duplicate orders "
-          f"{fmt(g.get('duplicate_orders'))} · lost orders {fmt(g.get('lost_orders'))} · amplification "
-          f"{fmt(g.get('amplification'))}x · zombie work {fmt(g.get('zombie_work'))} · held open after "
-          f"{fmt(g.get('held_open_after'))}\n")
+        w(f"   ground truth   duplicate charges {fmt(g.get('duplicate_charges'))} · orphan charges "
+          f"{fmt(g.get('orphan_charges'))} · duplicate orders {fmt(g.get('duplicate_orders'))} · lost orders "
+          f"{fmt(g.get('lost_orders'))} · zombie work {fmt(g.get('zombie_work'))} · held open after "
+          f"{fmt(g.get('held_open_after'))}\n"
+          f"   payment work per order (amplification) {fmt(g.get('amplification'))}x, in the fault window "
+          f"{fmt(g.get('fault_amplification'))}x · calls per order (409s too) {fmt(g.get('calls_per_order'))}\n")
     else:
         w("   ground truth   n/a (no simulator URLs: attach mode)\n")
     w(f"   recovery {fmt(result['recovery_s'], ' s') if result['recovery_s'] is not None else 'n/a'} · "

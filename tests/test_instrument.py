@@ -815,3 +815,19 @@ def test_probe_measures_both_dependencies():
     assert set(lines) == {"payment", "shipping"}, proc.stdout
     p999 = {name: float(line.split("p999 ")[1].split()[0].replace(",", "")) for name, line in lines.items()}
     assert 40 <= p999["payment"] < 2000 and 0 < p999["shipping"] < 2000, p999  # 40 ms is payment's service time
+
+
+def test_amplification_counts_work_not_cheap_refusals():
+    """Amplification is payment's slot-taking work per order that reached it; 409s and replays are calls only."""
+    run = "r"
+    before = {"payment": {"calls": 0, "zombie": 0}}
+    after = {"payment": {"calls": 9, "zombie": 1, "held_open": 0, "queue_peak": 3,
+                         "refs": {"r-1": 1, "r-2": 1, "r-3": 1, "other-9": 4},
+                         "calls_by_ref": {"r-1": 5, "r-2": 1, "r-3": 3, "other-9": 4},  # r-1: one charge, four 409s
+                         "work_by_ref": {"r-1": 1, "r-2": 1, "r-3": 3, "other-9": 4}}}  # r-3: two failed tries
+    truth = loadtest.ground_truth(before, after, run, {"r-1": 1.0, "r-2": 1.0}, {"r-3"}, [])
+    assert truth["amplification"] == round(5 / 3, 2)  # other runs' refs do not count
+    assert truth["fault_amplification"] == 3.0
+    assert truth["calls_per_order"] == 3.0
+    assert truth["orphan_charges"] == 1  # r-3 was charged, and its client was told it failed
+    assert truth["duplicate_charges"] == 0
