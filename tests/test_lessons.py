@@ -15,6 +15,7 @@ PAIRS = [
     ("slow-payment", "v0_3", "v0_2", False),
     ("slow-shipping", "v0_3", "v0_2", False),
     ("hang-payment", "v0_4", "v0_3", True),
+    ("flaky-payment", "v0_5", "v0_4", False),
 ]
 LESSONS = [(scenario, fixer) for scenario, fixer, _, _ in PAIRS]
 
