@@ -519,7 +519,7 @@ def test_judge_missing_figure_fails_with_a_reason():
     verdict, reasons = loadtest.judge(loadtest.SCENARIOS["steady"], {"error_pct": 0.0, "p99_ms": None}, None)
     assert verdict == "fail"
     assert any(r.startswith("p99_ms:") and "not measurable" in r and "<= 250" in r for r in reasons), reasons
-    verdict, reasons = loadtest.judge(loadtest.SCENARIOS["retry-storm"], {"amplification": 1.0}, None)
+    verdict, reasons = loadtest.judge(loadtest.SCENARIOS["retry-storm"], {"fault_amplification": 1.0}, None)
     assert verdict == "fail"
     assert any("recovery_s" in r and "never recovered" in r for r in reasons), reasons
 
