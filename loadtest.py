@@ -39,6 +39,12 @@ MAX_IN_FLIGHT = 3000  # open loop, but bounded: requests over the cap are counte
 DEFAULT_CAPACITY_RPS = 100.0  # C, when it cannot be read from payment's /stats
 SAMPLE_EVERY_S = 0.25  # ground truth and process sampling period during a run
 RECOVERED_P99_MS = 500  # a second is recovered when its p99 is under this, nothing failed, <= 10% shed
+# Limits, checked before anything starts: a typo must not become a load that eats the machine.
+MAX_RATE_RPS = 20000  # offered req/s, at any phase's peak: 4x what --calibrate measures one loop can keep
+MAX_CAPACITY_RPS = 10000  # C; the built-in simulators have C = 100
+MAX_DURATION_S = 600  # --duration: ten minutes is a soak, not a lesson
+MAX_PLANNED_REQUESTS = 1_000_000  # a plan and its records cost ~250 bytes a request: ~250 MB
+OPEN_FILES_WANTED = 10240  # a socket per request in flight, here and in the orders process it starts
 
 # === ENGINE ===
 # One connection per request (as the version files answer with Connection: close), driven by
@@ -306,17 +312,51 @@ ALERT_RULE = ("payment calls slower than 100 ms exceed 10% over the last second,
               "dependency_request_duration_seconds_bucket{dependency=\"payment\"} in /metrics")
 
 
-def make_plan(scenario, capacity_rps, quick, seed, duration_s=None):
-    """Poisson arrivals (seeded) for every phase; returns (plan, phases with start/end)."""
-    rng = random.Random(seed)
-    plan, phases, t = [], [], 0.0
+def rps_per_load(scenario, capacity_rps, rate_rps=None):
+    """Req/s for a load of 1.0: C, or with --rate R, R / the first phase's load, so that phase offers R.
+
+    The first phase is the load before any fault (in every scenario here also its lowest), so
+    --rate means what vegeta's -rate means for steady and keeps a scenario's shape otherwise."""
+    return rate_rps / scenario["phases"][0]["load"] if rate_rps else capacity_rps
+
+
+def phase_rates(scenario, capacity_rps, quick, duration_s=None, rate_rps=None):
+    """[(phase, length s, offered req/s)]: the one place where loads become rates."""
     key = "quick_s" if quick else "full_s"
     stretched = [p for p in scenario["phases"] if p["fault"]] or scenario["phases"]
     scale = duration_s / sum(p[key] for p in stretched) if duration_s else 1.0
-    for ph in scenario["phases"]:
-        length = ph[key] * (scale if ph in stretched else 1.0)
-        start, end, rate = t, t + length, ph["load"] * capacity_rps
-        phases.append(dict(ph, start=start, end=end))
+    per_load = rps_per_load(scenario, capacity_rps, rate_rps)
+    return [(ph, ph[key] * (scale if ph in stretched else 1.0), ph["load"] * per_load) for ph in scenario["phases"]]
+
+
+def plan_problem(name, scenario, capacity_rps, quick, duration_s=None, rate_rps=None):
+    """Why this scenario's plan must not run (one sentence), or None. Cheap: no plan is built."""
+    rates = phase_rates(scenario, capacity_rps, quick, duration_s, rate_rps)
+    if not all(math.isfinite(rps) and rps > 0 and math.isfinite(length) and length >= 0 for _, length, rps in rates):
+        return f"{name}: rates and lengths must be finite and > 0"  # expovariate(-5) would never end
+    peak = max(rps for _, _, rps in rates)
+    if peak > MAX_RATE_RPS:
+        return (f"{name} would offer {peak:,.0f} req/s at its peak (limit {MAX_RATE_RPS:,} req/s): "
+                "lower --rate or --capacity")
+    count = sum(length * rps for _, length, rps in rates)
+    if count > MAX_PLANNED_REQUESTS:
+        return (f"{name} would plan ~{count:,.0f} requests (limit {MAX_PLANNED_REQUESTS:,} per run): "
+                "lower --rate, --capacity or --duration")
+    return None
+
+
+def make_plan(scenario, capacity_rps, quick, seed, duration_s=None, rate_rps=None):
+    """Poisson arrivals (seeded) for every phase; returns (plan, phases with start/end/rps).
+
+    Loads are multiples of `capacity_rps`, or with `rate_rps` scaled so the first phase offers it."""
+    problem = plan_problem("this plan", scenario, capacity_rps, quick, duration_s, rate_rps)
+    if problem:  # the CLI refuses these earlier; this guards every other caller
+        raise ValueError(problem)
+    rng = random.Random(seed)
+    plan, phases, t = [], [], 0.0
+    for ph, length, rate in phase_rates(scenario, capacity_rps, quick, duration_s, rate_rps):
+        start, end = t, t + length
+        phases.append(dict(ph, start=start, end=end, rps=rate))
         t_next = start + rng.expovariate(rate)
         while t_next < end:
             kind = "get" if rng.random() < scenario.get("get_share", 0) else "post"
@@ -431,18 +471,35 @@ def version_name(path):
     return base[:4] if base[:2] == "v0" or base[:2] == "v1" else base.rsplit(".", 1)[0]
 
 
-def resolve_target(name):
-    """A version name (v0_3, v0.3) or a file path -> the version file's path."""
+def find_version(name):
+    """(path, None) for a file path or a name matching exactly one version (v0_3, v0.3,
+    v0_3_backpressure); else (None, why). Exact, because a prefix ('v0') silently ran v0_1."""
     if os.path.isfile(name):
-        return name
-    matches = sorted(glob.glob(os.path.join(HERE, name.replace(".", "_") + "_*.py")))
-    if not matches:
-        raise SystemExit(f"no version file for {name!r}; try one of: {', '.join(available_versions())}")
-    return matches[0]
+        return name, None
+    key = (name[:-3] if name.endswith(".py") else name).replace(".", "_")
+    matches = [p for p in version_files() if key in (version_name(p), os.path.basename(p)[:-3])]
+    if len(matches) == 1:
+        return matches[0], None
+    if matches:
+        return None, f"{name!r} matches several version files ({', '.join(map(os.path.basename, matches))})"
+    return None, (f"no version matches {name!r}: give one of {', '.join(available_versions()) or 'none found'} "
+                  "(or a file path)")
+
+
+def resolve_target(name):
+    """A version name (v0_3, v0.3, v0_3_backpressure) or a file path -> the version file's path."""
+    path, why = find_version(name)
+    if why:
+        raise SystemExit(why)
+    return path
+
+
+def version_files():
+    return sorted(glob.glob(os.path.join(HERE, "v[01]_[0-9]_*.py")))
 
 
 def available_versions():
-    return [version_name(p) for p in sorted(glob.glob(os.path.join(HERE, "v[01]_[0-9]_*.py")))]
+    return [version_name(p) for p in version_files()]
 
 
 async def stats(target, role, refs=False):
@@ -494,10 +551,13 @@ async def scrape_alert(url, history):
     return (over - older[-1][1]) / (total - older[-1][2]) >= 0.1
 
 
-async def run_scenario(target, scenario_name, capacity_rps, quick, seed, progress, duration_s=None):
-    """Drive one scenario against one target and return the run's result dict."""
+async def run_scenario(target, scenario_name, capacity_rps, quick, seed, progress, duration_s=None, rate_rps=None):
+    """Drive one scenario against one target and return the run's result dict.
+
+    capacity_rps is C (checks judge goodput against it); rate_rps, if given, is what the first
+    phase offers (--rate), else loads are multiples of C."""
     scenario = SCENARIOS[scenario_name]
-    plan, phases = make_plan(scenario, capacity_rps, quick, seed, duration_s)
+    plan, phases = make_plan(scenario, capacity_rps, quick, seed, duration_s, rate_rps)
     orders = urlsplit(target.urls["orders"])
     host, port = orders.hostname, orders.port
     run_id = f"{scenario_name}-{seed}-{os.getpid()}-{int(time.time() * 1000) % 10**8}"
@@ -667,7 +727,7 @@ def summarise(target, scenario_name, load, phases, capacity_rps, acked, samples,
     return {"target": target.name, "scenario": scenario_name, "verdict": verdict, "reasons": reasons,
             "latency_ms": lat, "counts": counts, "ground_truth": truth, "recovery_s": figures["recovery_s"],
             "figures": figures, "decisive": scenario["decisive"],
-            "phases": [{k: p[k] for k in ("name", "start", "end", "load", "payment", "shipping", "fault")}
+            "phases": [{k: p[k] for k in ("name", "start", "end", "load", "rps", "payment", "shipping", "fault")}
                        for p in phases],
             "timeline": timeline}
 
@@ -982,11 +1042,11 @@ async def calibrate(quick, out):
     return results
 
 
-async def probe(target, capacity_rps, quick, out):
+async def probe(target, capacity_rps, quick, out, rate_rps=None):
     """A dependency's healthy latency, measured directly: where v0.4's timeouts come from."""
     results = {}
     pay, ship = urlsplit(target.urls["payment"]), urlsplit(target.urls["shipping"])
-    plan, _ = make_plan({"phases": [phase("probe", 10, 4, 0.5)]}, capacity_rps, quick, seed=3)
+    plan, phases = make_plan({"phases": [phase("probe", 10, 4, 0.5)]}, capacity_rps, quick, 3, rate_rps=rate_rps)
     refs = iter(range(10**9))
 
     def call(url, path):
@@ -1004,7 +1064,7 @@ async def probe(target, capacity_rps, quick, out):
             latencies.append(loop.time() - start)
     results["shipping"] = latency_summary(latencies)
     out.write(f"Healthy latency of {target.name}'s dependencies, called directly (ms):\n")
-    out.write(f"   payment  POST /charge  open loop at 0.5 C ({len(load.records)} calls)   "
+    out.write(f"   payment  POST /charge  open loop at {fmt(phases[0]['rps'])} req/s ({len(load.records)} calls)   "
               + "  ".join(f"{k} {fmt(v)}" for k, v in results["payment"].items()) + "\n")
     out.write(f"   shipping POST /ship    one caller in sequence ({len(latencies)} calls)   "
               + "  ".join(f"{k} {fmt(v)}" for k, v in results["shipping"].items()) + "\n")
@@ -1012,6 +1072,8 @@ async def probe(target, capacity_rps, quick, out):
 
 
 # === MAIN ===
+# Everything a command line can get wrong is refused in parse_args, before a process is started
+# or a byte is sent: one line on stderr, exit code 2 (argparse's convention for usage errors).
 
 
 def check_loopback(url, allow_remote):
