@@ -39,6 +39,12 @@ MAX_IN_FLIGHT = 3000  # open loop, but bounded: requests over the cap are counte
 DEFAULT_CAPACITY_RPS = 100.0  # C, when it cannot be read from payment's /stats
 SAMPLE_EVERY_S = 0.25  # ground truth and process sampling period during a run
 RECOVERED_P99_MS = 500  # a second is recovered when its p99 is under this, nothing failed, <= 10% shed
+# Limits, checked before anything starts: a typo must not become a load that eats the machine.
+MAX_RATE_RPS = 20000  # offered req/s, at any phase's peak: 4x what --calibrate measures one loop can keep
+MAX_CAPACITY_RPS = 10000  # C; the built-in simulators have C = 100
+MAX_DURATION_S = 600  # --duration: ten minutes is a soak, not a lesson
+MAX_PLANNED_REQUESTS = 1_000_000  # a plan and its records cost ~250 bytes a request: ~250 MB
+OPEN_FILES_WANTED = 10240  # a socket per request in flight, here and in the orders process it starts
 
 # === ENGINE ===
 # One connection per request (as the version files answer with Connection: close), driven by
@@ -307,17 +313,51 @@ ALERT_RULE = ("payment calls slower than 100 ms exceed 10% over the last second,
               "dependency_request_duration_seconds_bucket{dependency=\"payment\"} in /metrics")
 
 
-def make_plan(scenario, capacity_rps, quick, seed, duration_s=None):
-    """Poisson arrivals (seeded) for every phase; returns (plan, phases with start/end)."""
-    rng = random.Random(seed)
-    plan, phases, t = [], [], 0.0
+def rps_per_load(scenario, capacity_rps, rate_rps=None):
+    """Req/s for a load of 1.0: C, or with --rate R, R / the first phase's load, so that phase offers R.
+
+    The first phase is the load before any fault (in every scenario here also its lowest), so
+    --rate means what vegeta's -rate means for steady and keeps a scenario's shape otherwise."""
+    return rate_rps / scenario["phases"][0]["load"] if rate_rps else capacity_rps
+
+
+def phase_rates(scenario, capacity_rps, quick, duration_s=None, rate_rps=None):
+    """[(phase, length s, offered req/s)]: the one place where loads become rates."""
     key = "quick_s" if quick else "full_s"
     stretched = [p for p in scenario["phases"] if p["fault"]] or scenario["phases"]
     scale = duration_s / sum(p[key] for p in stretched) if duration_s else 1.0
-    for ph in scenario["phases"]:
-        length = ph[key] * (scale if ph in stretched else 1.0)
-        start, end, rate = t, t + length, ph["load"] * capacity_rps
-        phases.append(dict(ph, start=start, end=end))
+    per_load = rps_per_load(scenario, capacity_rps, rate_rps)
+    return [(ph, ph[key] * (scale if ph in stretched else 1.0), ph["load"] * per_load) for ph in scenario["phases"]]
+
+
+def plan_problem(name, scenario, capacity_rps, quick, duration_s=None, rate_rps=None):
+    """Why this scenario's plan must not run (one sentence), or None. Cheap: no plan is built."""
+    rates = phase_rates(scenario, capacity_rps, quick, duration_s, rate_rps)
+    if not all(math.isfinite(rps) and rps > 0 and math.isfinite(length) and length >= 0 for _, length, rps in rates):
+        return f"{name}: rates and lengths must be finite and > 0"  # expovariate(-5) would never end
+    peak = max(rps for _, _, rps in rates)
+    if peak > MAX_RATE_RPS:
+        return (f"{name} would offer {peak:,.0f} req/s at its peak (limit {MAX_RATE_RPS:,} req/s): "
+                "lower --rate or --capacity")
+    count = sum(length * rps for _, length, rps in rates)
+    if count > MAX_PLANNED_REQUESTS:
+        return (f"{name} would plan ~{count:,.0f} requests (limit {MAX_PLANNED_REQUESTS:,} per run): "
+                "lower --rate, --capacity or --duration")
+    return None
+
+
+def make_plan(scenario, capacity_rps, quick, seed, duration_s=None, rate_rps=None):
+    """Poisson arrivals (seeded) for every phase; returns (plan, phases with start/end/rps).
+
+    Loads are multiples of `capacity_rps`, or with `rate_rps` scaled so the first phase offers it."""
+    problem = plan_problem("this plan", scenario, capacity_rps, quick, duration_s, rate_rps)
+    if problem:  # the CLI refuses these earlier; this guards every other caller
+        raise ValueError(problem)
+    rng = random.Random(seed)
+    plan, phases, t = [], [], 0.0
+    for ph, length, rate in phase_rates(scenario, capacity_rps, quick, duration_s, rate_rps):
+        start, end = t, t + length
+        phases.append(dict(ph, start=start, end=end, rps=rate))
         t_next = start + rng.expovariate(rate)
         while t_next < end:
             kind = "get" if rng.random() < scenario.get("get_share", 0) else "post"
@@ -432,18 +472,35 @@ def version_name(path):
     return base[:4] if base[:2] == "v0" or base[:2] == "v1" else base.rsplit(".", 1)[0]
 
 
-def resolve_target(name):
-    """A version name (v0_3, v0.3) or a file path -> the version file's path."""
+def find_version(name):
+    """(path, None) for a file path or a name matching exactly one version (v0_3, v0.3,
+    v0_3_backpressure); else (None, why). Exact, because a prefix ('v0') silently ran v0_1."""
     if os.path.isfile(name):
-        return name
-    matches = sorted(glob.glob(os.path.join(HERE, name.replace(".", "_") + "_*.py")))
-    if not matches:
-        raise SystemExit(f"no version file for {name!r}; try one of: {', '.join(available_versions())}")
-    return matches[0]
+        return name, None
+    key = (name[:-3] if name.endswith(".py") else name).replace(".", "_")
+    matches = [p for p in version_files() if key in (version_name(p), os.path.basename(p)[:-3])]
+    if len(matches) == 1:
+        return matches[0], None
+    if matches:
+        return None, f"{name!r} matches several version files ({', '.join(map(os.path.basename, matches))})"
+    return None, (f"no version matches {name!r}: give one of {', '.join(available_versions()) or 'none found'} "
+                  "(or a file path)")
+
+
+def resolve_target(name):
+    """A version name (v0_3, v0.3, v0_3_backpressure) or a file path -> the version file's path."""
+    path, why = find_version(name)
+    if why:
+        raise SystemExit(why)
+    return path
+
+
+def version_files():
+    return sorted(glob.glob(os.path.join(HERE, "v[01]_[0-9]_*.py")))
 
 
 def available_versions():
-    return [version_name(p) for p in sorted(glob.glob(os.path.join(HERE, "v[01]_[0-9]_*.py")))]
+    return [version_name(p) for p in version_files()]
 
 
 async def stats(target, role, refs=False):
@@ -495,10 +552,13 @@ async def scrape_alert(url, history):
     return (over - older[-1][1]) / (total - older[-1][2]) >= 0.1
 
 
-async def run_scenario(target, scenario_name, capacity_rps, quick, seed, progress, duration_s=None):
-    """Drive one scenario against one target and return the run's result dict."""
+async def run_scenario(target, scenario_name, capacity_rps, quick, seed, progress, duration_s=None, rate_rps=None):
+    """Drive one scenario against one target and return the run's result dict.
+
+    capacity_rps is C (checks judge goodput against it); rate_rps, if given, is what the first
+    phase offers (--rate), else loads are multiples of C."""
     scenario = SCENARIOS[scenario_name]
-    plan, phases = make_plan(scenario, capacity_rps, quick, seed, duration_s)
+    plan, phases = make_plan(scenario, capacity_rps, quick, seed, duration_s, rate_rps)
     orders = urlsplit(target.urls["orders"])
     host, port = orders.hostname, orders.port
     run_id = f"{scenario_name}-{seed}-{os.getpid()}-{int(time.time() * 1000) % 10**8}"
@@ -671,7 +731,7 @@ def summarise(target, scenario_name, load, phases, capacity_rps, acked, sent, sa
     return {"target": target.name, "scenario": scenario_name, "verdict": verdict, "reasons": reasons,
             "latency_ms": lat, "counts": counts, "ground_truth": truth, "recovery_s": figures["recovery_s"],
             "figures": figures, "decisive": scenario["decisive"],
-            "phases": [{k: p[k] for k in ("name", "start", "end", "load", "payment", "shipping", "fault")}
+            "phases": [{k: p[k] for k in ("name", "start", "end", "load", "rps", "payment", "shipping", "fault")}
                        for p in phases],
             "timeline": timeline}
 
@@ -1001,11 +1061,11 @@ async def calibrate(quick, out):
     return results
 
 
-async def probe(target, capacity_rps, quick, out):
+async def probe(target, capacity_rps, quick, out, rate_rps=None):
     """A dependency's healthy latency, measured directly: where v0.4's timeouts come from."""
     results = {}
     pay, ship = urlsplit(target.urls["payment"]), urlsplit(target.urls["shipping"])
-    plan, _ = make_plan({"phases": [phase("probe", 10, 4, 0.5)]}, capacity_rps, quick, seed=3)
+    plan, phases = make_plan({"phases": [phase("probe", 10, 4, 0.5)]}, capacity_rps, quick, 3, rate_rps=rate_rps)
     refs = iter(range(10**9))
 
     def call(url, path):
@@ -1023,7 +1083,7 @@ async def probe(target, capacity_rps, quick, out):
             latencies.append(loop.time() - start)
     results["shipping"] = latency_summary(latencies)
     out.write(f"Healthy latency of {target.name}'s dependencies, called directly (ms):\n")
-    out.write(f"   payment  POST /charge  open loop at 0.5 C ({len(load.records)} calls)   "
+    out.write(f"   payment  POST /charge  open loop at {fmt(phases[0]['rps'])} req/s ({len(load.records)} calls)   "
               + "  ".join(f"{k} {fmt(v)}" for k, v in results["payment"].items()) + "\n")
     out.write(f"   shipping POST /ship    one caller in sequence ({len(latencies)} calls)   "
               + "  ".join(f"{k} {fmt(v)}" for k, v in results["shipping"].items()) + "\n")
@@ -1031,6 +1091,8 @@ async def probe(target, capacity_rps, quick, out):
 
 
 # === MAIN ===
+# Everything a command line can get wrong is refused in parse_args, before a process is started
+# or a byte is sent: one line on stderr, exit code 2 (argparse's convention for usage errors).
 
 
 def check_loopback(url, allow_remote):
@@ -1043,6 +1105,118 @@ def check_loopback(url, allow_remote):
         raise SystemExit(f"refusing to load {host!r}: not a loopback address (pass --allow-remote if you mean it)")
 
 
+def url_problem(url):
+    """Why `url` cannot be a target URL (one sentence), or None. Only plain http: the engine speaks
+    HTTP/1.1 over TCP itself, and an unparsable URL used to surface as a misleading loopback refusal."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port  # raises for a port out of range or not a number
+    except ValueError as err:
+        return f"{url!r} is malformed ({err})"
+    if not parts.netloc:  # '127.0.0.1:8080' parses as a path, 'localhost:8080' as scheme 'localhost'
+        return f"{url!r} has no http:// in front (did you mean http://{url}?)"
+    if parts.scheme != "http":
+        return f"{url!r}: only http:// URLs are supported, not {parts.scheme}://"
+    if not parts.hostname:
+        return f"{url!r} has no host"
+    if port == 0:
+        return f"{url!r}: port 0 cannot be connected to"
+    return None
+
+
+def with_port(url):
+    """The URL with its port spelled out (80 by default): the engine connects to urlsplit(url).port."""
+    parts = urlsplit(url)
+    if parts.port is not None:
+        return url
+    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+    return parts._replace(netloc=f"{host}:80").geturl()
+
+
+def number_problem(flag, value, limit, unit):
+    """Why a --rate/--capacity/--duration value is refused, or None (None: not given)."""
+    if value is None:
+        return None
+    if not math.isfinite(value) or value <= 0:  # nan, inf, 0 and negatives: no load can mean that
+        return f"{flag} must be a finite number > 0, not {value:g}"
+    if value > limit:
+        return f"{flag} {value:g} is over the limit of {limit:,} {unit}"
+    return None
+
+
+def output_problem(flag, path):
+    """Why `path` cannot be written (one sentence), or None: found out before the run, not after."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        return f"{flag} {path}: is a directory"
+    if not os.path.isdir(folder):
+        return f"{flag} {path}: directory {folder} does not exist"
+    if os.path.exists(path) and not os.access(path, os.W_OK):
+        return f"{flag} {path}: file is not writable"
+    if not os.path.exists(path) and not os.access(folder, os.W_OK | os.X_OK):
+        return f"{flag} {path}: directory {folder} is not writable"
+    return None
+
+
+def plan_runs(args):
+    """What to run: [(version file, or None with --url, [scenario names])]. ValueError says what is wrong."""
+    if args.url:
+        paths = [None]
+    else:
+        names = ([args.target] if args.target else available_versions() if args.compare == "all"
+                 else [t.strip() for t in args.compare.split(",")])
+        paths = []
+        for name in names:  # all of them before the first run: a typo in the last must not cost the others
+            path, why = find_version(name)
+            if why:
+                raise ValueError(why)
+            paths.append(path)
+    runs = []
+    for path in paths:
+        if args.scenario:
+            scenarios = list(SCENARIOS) if args.scenario == "all" else [s.strip() for s in args.scenario.split(",")]
+        else:
+            fixes, breaks = LADDER.get(version_name(path) if path else "", ([], []))
+            scenarios = ["steady"] + fixes + breaks
+        unknown = [n for n in scenarios if n not in SCENARIOS]
+        if unknown:
+            raise ValueError(f"unknown scenario {', '.join(unknown)}; see --list")
+        runs.append((path, scenarios))
+    return runs
+
+
+def capacity_of(payment_stats):
+    """C from payment's /stats when it is a sane number, else the default: a /stats answer must
+    not be able to size a load past the limits the command line is held to."""
+    value = (payment_stats or {}).get("capacity_rps")
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value <= MAX_CAPACITY_RPS:
+        return value
+    return DEFAULT_CAPACITY_RPS
+
+
+def raise_open_files_limit(wanted=OPEN_FILES_WANTED):
+    """Raise the soft open-files limit toward `wanted` (the versions it starts inherit it).
+    Returns a one-line note when it stays below, else None."""
+    try:
+        import resource
+    except ImportError:  # not a Unix: nothing to raise
+        return None
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    unlimited = resource.RLIM_INFINITY
+    goal = wanted if hard == unlimited else min(hard, wanted)  # RLIM_INFINITY is -1: min() would pick it
+    if soft != unlimited and soft < goal:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (goal, hard))
+            soft = goal
+        except (ValueError, OSError):
+            pass
+    if soft != unlimited and soft < wanted:
+        return (f"note: open-files limit is {soft} (wanted {wanted}; hard limit "
+                f"{'unlimited' if hard == unlimited else hard}): a heavy load may count 'conn' errors "
+                "that are this machine's, not the target's")
+    return None
+
+
 def make_progress(enabled):
     """A one-line live status on stderr when it is a terminal."""
     def progress(text):
@@ -1053,31 +1227,18 @@ def make_progress(enabled):
 
 
 async def run_all(args, out):
-    scenarios_for = {}
-    if args.compare:
-        targets = available_versions() if args.compare == "all" else [t.strip() for t in args.compare.split(",")]
-    else:
-        targets = [args.target]
-    for t in targets:
-        if args.scenario:
-            names = list(SCENARIOS) if args.scenario == "all" else [s.strip() for s in args.scenario.split(",")]
-        else:
-            fixes, breaks = LADDER.get(version_name(t.replace(".", "_")) if not args.url else "", ([], []))
-            names = ["steady"] + fixes + breaks
-        unknown = [n for n in names if n not in SCENARIOS]
-        if unknown:
-            raise SystemExit(f"unknown scenario {', '.join(unknown)}; see --list")
-        scenarios_for[t] = names
+    runs = plan_runs(args)  # parse_args has already refused anything this would raise on
     progress = make_progress(sys.stderr.isatty())
     if args.probe:
-        target = Target.spawn(resolve_target(targets[0]), args.seed)
+        target = Target.spawn(runs[0][0], args.seed)
         try:
-            return [await probe(target, (await stats(target, "payment"))["capacity_rps"], args.quick, out)]
+            capacity = args.capacity or capacity_of(await stats(target, "payment"))
+            return [await probe(target, capacity, args.quick, out, args.rate)]
         finally:
             target.stop()
     results = []
-    for t in targets:
-        for name in scenarios_for[t]:
+    for path, scenarios in runs:
+        for name in scenarios:
             if args.url:
                 urls = {"orders": args.url.rstrip("/")}
                 urls.update({k: v.rstrip("/") for k, v in (("payment", args.payment_url),
@@ -1088,41 +1249,67 @@ async def run_all(args, out):
                     out.write(f"\n== {name}: skipped: its faults need --payment-url and --shipping-url\n")
                     continue
             else:
-                target = Target.spawn(resolve_target(t), args.seed)
+                target = Target.spawn(path, args.seed)
             try:
-                pay = await stats(target, "payment")
-                capacity = args.rate or (pay["capacity_rps"] if pay else DEFAULT_CAPACITY_RPS)
-                result = await run_scenario(target, name, capacity, args.quick, args.seed, progress, args.duration)
+                # C: --capacity, else what payment says. --rate, if given, sets the offered load instead.
+                capacity = args.capacity or capacity_of(await stats(target, "payment"))
+                problem = plan_problem(name, SCENARIOS[name], capacity, args.quick, args.duration, args.rate)
+                if problem:  # C read from /stats can differ from the default parse_args checked with
+                    raise SystemExit(f"refusing to run: {problem}")
+                result = await run_scenario(target, name, capacity, args.quick, args.seed, progress, args.duration,
+                                            rate_rps=args.rate)
             finally:
                 if target.proc:
                     target.stop()
             results.append(result)
             print_run(result, out)
             out.flush()
-    if len(targets) > 1 or args.compare:
+    if len(runs) > 1 or args.compare:
         print_matrix(results, out)
     return results
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (what is wrong), not the whole usage block above it."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}{'' if 'see --' in message else ' (see --help)'}\n")
+
+
+LIMITS_HELP = (f"limits, refused before anything starts (exit code 2): --rate <= {MAX_RATE_RPS:,} req/s, also at\n"
+               f"any phase's peak; --capacity <= {MAX_CAPACITY_RPS:,} req/s; --duration <= {MAX_DURATION_S} s; "
+               f"<= {MAX_PLANNED_REQUESTS:,} planned requests\nper run; all finite and > 0. A bad --url, "
+               "--target, --scenario or --json/--report path too.")
+
+
 def parse_args(argv):
     versions = ", ".join(available_versions()) or "none found"
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         description="The failure-first playground's load tester: same scenarios, same pass criteria, every version.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=f"versions here: {versions}\nscenarios: {', '.join(SCENARIOS)}\n\n" + __doc__.split("\n\n")[-1])
+        epilog=f"versions here: {versions}\nscenarios: {', '.join(SCENARIOS)}\n{LIMITS_HELP}\n\n"
+        + __doc__.split("\n\n")[-1])
     what = parser.add_mutually_exclusive_group()
-    what.add_argument("--target", help="version to test: v0_3, v0.3 or a file; started on free ports, stopped after")
+    what.add_argument("--target", help="version to test: v0_3, v0.3, v0_3_backpressure or a file (an exact match); "
+                      "started on free ports, stopped after")
     what.add_argument("--compare", help="several versions (v0_1,v0_2) or 'all': prints the lesson matrix")
-    what.add_argument("--url", help="attach to a running orders service instead of starting one (loopback)")
+    what.add_argument("--url", help="attach to a running orders service (http://127.0.0.1:PORT) instead of "
+                      "starting one; loopback only, unless --allow-remote")
     what.add_argument("--list", action="store_true", help="list the scenarios with their pass criteria")
     what.add_argument("--calibrate", action="store_true", help="measure the instrument itself")
     parser.add_argument("--scenario", help="NAME[,NAME] or 'all' (default: steady + the version's story)")
     parser.add_argument("--quick", action="store_true", help="short phases (for tests and CI)")
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     parser.add_argument("--report", metavar="FILE.html", help="also write a self-contained HTML report (SVG charts)")
-    parser.add_argument("--rate", type=float, help="capacity C (req/s) the loads are multiples of (default: read "
-                        "from payment's /stats, else 100)")
-    parser.add_argument("--duration", type=float, help="seconds of the fault window (or of the whole steady run)")
+    parser.add_argument("--rate", type=float, metavar="R", help="offered requests/s, as vegeta's -rate and wrk2's -R "
+                        "mean it: steady offers R; a scenario with phases is scaled so its first phase (the load "
+                        "before the fault, its lowest) offers R, the others keep their ratio to it "
+                        "(default: loads are multiples of --capacity)")
+    parser.add_argument("--capacity", type=float, metavar="C", help="capacity C (req/s) scenario loads are "
+                        "multiples of and goodput is judged against (default: read from payment's /stats, else "
+                        f"{DEFAULT_CAPACITY_RPS:g})")
+    parser.add_argument("--duration", type=float, metavar="S", help="seconds of the fault window (or of the whole "
+                        "steady run)")
     parser.add_argument("--seed", type=int, default=1, help="seed of arrivals, payloads and chaos (default 1)")
     parser.add_argument("--payment-url", help="with --url: payment simulator, for faults and ground truth")
     parser.add_argument("--shipping-url", help="with --url: shipping simulator, for faults and ground truth")
@@ -1131,9 +1318,49 @@ def parse_args(argv):
     parser.add_argument("--allow-remote", action="store_true", help="allow a non-loopback --url (never by default)")
     parser.add_argument("--responder", choices=["trivial", "stall"], help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if not (args.target or args.compare or args.url or args.list or args.calibrate or args.responder):
+    if args.responder:
+        return args  # a child of --calibrate: its parent checked everything
+    if not (args.target or args.compare or args.url or args.list or args.calibrate):
         parser.error("say what to test: --target v0_1 (or --compare, --url, --list, --calibrate)")
+    refuse_bad_args(parser, args)
     return args
+
+
+def refuse_bad_args(parser, args):
+    """Every number, file, URL, target and plan size, checked before anything starts."""
+    for problem in (number_problem("--rate", args.rate, MAX_RATE_RPS, "req/s"),
+                    number_problem("--capacity", args.capacity, MAX_CAPACITY_RPS, "req/s"),
+                    number_problem("--duration", args.duration, MAX_DURATION_S, "s"),
+                    args.json and output_problem("--json", args.json),
+                    args.report and output_problem("--report", args.report)):
+        if problem:
+            parser.error(problem)
+    if args.probe and not args.target:
+        parser.error("--probe needs --target (it starts the version to reach its dependencies)")
+    for flag, url in (("--url", args.url), ("--payment-url", args.payment_url), ("--shipping-url", args.shipping_url)):
+        if url is None:
+            continue
+        if flag != "--url" and not args.url:
+            parser.error(f"{flag} only makes sense with --url")
+        problem = url_problem(url)
+        if problem:
+            parser.error(f"{flag} {problem}")
+        try:
+            check_loopback(url, args.allow_remote)
+        except SystemExit as refused:
+            parser.error(str(refused))
+        setattr(args, flag[2:].replace("-", "_"), with_port(url))
+    if args.list or args.calibrate:
+        return
+    try:
+        runs = plan_runs(args)
+    except ValueError as err:
+        parser.error(str(err))
+    capacity = args.capacity or DEFAULT_CAPACITY_RPS  # C from /stats is checked again once read
+    for name in dict.fromkeys(n for _, scenarios in runs for n in scenarios):
+        problem = plan_problem(name, SCENARIOS[name], capacity, args.quick, args.duration, args.rate)
+        if problem:
+            parser.error(problem)
 
 
 def print_list(out):
@@ -1149,12 +1376,9 @@ def print_list(out):
 def main(argv=None):
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM cleans up like Ctrl-C
-    try:
-        import resource
-        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-        resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 10240)), hard))
-    except (ImportError, ValueError, OSError):
-        pass
+    note = raise_open_files_limit()
+    if note and not (args.responder or args.list):  # said once, by the process that drives the load
+        sys.stderr.write(note + "\n")
     out = sys.stdout
     try:
         if args.responder:
@@ -1170,9 +1394,6 @@ def main(argv=None):
                 with open(args.json, "w") as f:
                     json.dump({"calibration": results}, f, indent=1)
             return
-        for url in (args.url, args.payment_url, args.shipping_url):
-            if url:
-                check_loopback(url, args.allow_remote)
         results = asyncio.run(run_all(args, out))
         if args.json and not args.probe:
             with open(args.json, "w") as f:
