@@ -1,5 +1,6 @@
 """Shared helpers: start a version (or loadtest) as a real process, talk HTTP, always clean up."""
 import glob
+import importlib.util
 import http.client
 import json
 import os
@@ -23,6 +24,14 @@ LOADTEST = os.path.join(ROOT, "loadtest.py")
 
 def version_id(path):
     return os.path.basename(path)[:4]
+
+
+def load_version(path):
+    """Import a version file as a module to test one of its classes (its servers start only under __main__)."""
+    spec = importlib.util.spec_from_file_location(f"version_{version_id(path)}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 class Service:

@@ -4,12 +4,10 @@ Same key and body -> the first answer replayed; another body -> 422; still in fl
 identical POSTs at once -> one order, one charge. Expiry and the store's bound are tested on the
 class itself with a fake clock (nobody waits ten minutes).
 """
-import importlib.util
-import os
 import threading
 
 import pytest
-from conftest import VERSIONS, Service, request, version_id
+from conftest import VERSIONS, Service, load_version, request, version_id
 
 LATER = [p for p in VERSIONS if version_id(p) >= "v0_5"]
 ORDER = {"item": "mug", "qty": 1, "customer": "ada"}
@@ -89,14 +87,6 @@ def test_twenty_identical_posts_at_once_make_one_order_and_one_charge(svc):
     assert charges(svc, "idem-twenty") == 1
     late = not_shed(lambda: post(svc, "k-twenty", body))  # once done, every retry is the replay
     assert late[0] == 201 and late[2]["order_id"] in order_ids
-
-
-def load_version(path):
-    """Import a version file as a module (its servers start only under __main__)."""
-    spec = importlib.util.spec_from_file_location(f"version_{version_id(path)}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.mark.parametrize("path", LATER, ids=version_id)
