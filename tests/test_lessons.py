@@ -16,6 +16,8 @@ PAIRS = [
     ("slow-shipping", "v0_3", "v0_2", False),
     ("hang-payment", "v0_4", "v0_3", True),
     ("flaky-payment", "v0_5", "v0_4", False),
+    ("retry-storm", "v0_6", "v0_5", False),
+    ("payment-down", "v0_7", "v0_6", False),
 ]
 LESSONS = [(scenario, fixer) for scenario, fixer, _, _ in PAIRS]
 
