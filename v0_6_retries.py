@@ -460,7 +460,12 @@ class OrdersServer(HTTPServer):
 # === WORLD: SIMULATED DEPENDENCIES (identical in every version) ===
 # Payment and shipping are one asyncio simulator: `workers` slots of `service_ms` each behind
 # an unbounded FIFO, like a naive real dependency. It finishes work whose caller has gone.
-CHAOS_KNOBS = ("latency_factor", "error_rate", "ambiguous_rate", "hang_rate", "blackhole", "down")
+CHAOS_KNOBS = {"latency_factor": (1, 100), "error_rate": (0, 1), "ambiguous_rate": (0, 1), "hang_rate": (0, 1),
+               "blackhole": (0, 1), "down": (0, 1)}  # knob -> its range; blackhole and down are 0/1 switches
+
+
+class BadRequest(Exception):
+    """A request we refuse: args are (status, detail), and the detail is ours, never Python's."""
 
 
 class Dependency:
@@ -479,15 +484,18 @@ class Dependency:
         try:
             method, path, query, headers, body = await read_request(reader)
             if (method, path) == ("POST", "/chaos"):
-                await respond(writer, 200, self.set_chaos(json.loads(body or b"{}")))
+                await respond(writer, 200, self.set_chaos(json.loads(body or b"{}", parse_constant=int)))
             elif (method, path) == ("GET", "/chaos"):
                 await respond(writer, 200, self.chaos)
             elif (method, path) == ("GET", "/stats"):
                 await respond(writer, 200, self.snapshot(with_refs="refs=1" in query))
             elif (method, path) == ("POST", {"payment": "/charge", "shipping": "/ship"}[self.name]):
-                await self.serve(reader, writer, headers, json.loads(body))
+                await self.serve(reader, writer, headers, json.loads(body, parse_constant=int))  # int("NaN") fails
             else:
                 await respond(writer, 404, {"error": "not found", "detail": f"{method} {path}"})
+        except BadRequest as exc:
+            status, detail = exc.args
+            await respond(writer, status, {"error": HTTPStatus(status).phrase.lower(), "detail": detail})
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             await respond(writer, 400, {"error": "bad request", "detail": str(exc)[:200]})
         except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
@@ -496,9 +504,15 @@ class Dependency:
             writer.close()
 
     def set_chaos(self, chaos):
-        """Replace the chaos settings ({} heals); refuse unknown knobs and non-numbers."""
-        if any(k not in CHAOS_KNOBS or type(v) not in (int, float, bool) for k, v in chaos.items()):
-            raise ValueError(f"chaos takes numbers for: {', '.join(CHAOS_KNOBS)}")
+        """Replace the chaos settings ({} heals); refuse unknown knobs and values out of range."""
+        if not isinstance(chaos, dict):
+            raise BadRequest(400, "chaos is a JSON object")
+        for knob, value in chaos.items():  # a latency_factor of 1e308 would wedge every worker for good
+            low, high = CHAOS_KNOBS.get(knob, (1, 0))  # an unknown knob: an empty range
+            if not (value in (0, 1) if knob in ("blackhole", "down") else
+                    type(value) in (int, float) and low <= value <= high):  # NaN is in no range
+                raise BadRequest(400, "chaos knobs: latency_factor 1 to 100; error_rate, ambiguous_rate, "
+                                 "hang_rate 0 to 1; blackhole, down true or false")
         self.chaos = {knob: value for knob, value in chaos.items() if value}
         return self.chaos
 
@@ -552,35 +566,40 @@ class Dependency:
         """One worker slot: take calls in FIFO order, spend the service time, commit."""
         while True:
             job = await self.queue.get()
-            if job["deadline"] and time.monotonic() > job["deadline"]:
-                self.stats["expired_dropped"] += 1  # nobody can use the answer: skip the work
-                self.answers.pop(job["key"], None)
-                job["done"].set_result((504, {"error": "deadline exceeded"}))
-                continue
-            self.stats["in_flight"] += 1
-            self.stats["worked"] += 1
-            self.worked[job["ref"]] += 1
-            await asyncio.sleep(self.service_s * self.chaos.get("latency_factor", 1))
-            self.stats["in_flight"] -= 1
-            roll, error_rate = self.rng.random(), self.chaos.get("error_rate", 0)
-            if roll < error_rate:
-                self.stats["failed"] += 1
-                self.answers.pop(job["key"], None)
-                job["done"].set_result((500, {"error": "injected failure, nothing committed"}))
-                continue
-            self.commits[job["ref"]] += 1
-            self.stats["commits"] += 1
-            if job["gone"]:
-                self.stats["zombie"] += 1
-            answer = {"ref": job["ref"], "status": "committed"}
-            if job["key"]:
-                self.answers[job["key"]][1] = answer
-            if roll < error_rate + self.chaos.get("ambiguous_rate", 0):
-                self.stats["ambiguous"] += 1
-                answer = self.rng.choice([(500, {"error": "failed after commit"}), (None, None)])
-                job["done"].set_result(answer)
-            else:
-                job["done"].set_result((200, answer))
+            try:
+                if job["deadline"] and time.monotonic() > job["deadline"]:
+                    self.stats["expired_dropped"] += 1  # nobody can use the answer: skip the work
+                    self.answers.pop(job["key"], None)
+                    job["done"].set_result((504, {"error": "deadline exceeded"}))
+                    continue
+                self.stats["in_flight"] += 1
+                self.stats["worked"] += 1
+                self.worked[job["ref"]] += 1
+                await asyncio.sleep(self.service_s * self.chaos.get("latency_factor", 1))
+                self.stats["in_flight"] -= 1
+                roll, error_rate = self.rng.random(), self.chaos.get("error_rate", 0)
+                if roll < error_rate:
+                    self.stats["failed"] += 1
+                    self.answers.pop(job["key"], None)
+                    job["done"].set_result((500, {"error": "injected failure, nothing committed"}))
+                    continue
+                self.commits[job["ref"]] += 1
+                self.stats["commits"] += 1
+                if job["gone"]:
+                    self.stats["zombie"] += 1
+                answer = {"ref": job["ref"], "status": "committed"}
+                if job["key"]:
+                    self.answers[job["key"]][1] = answer
+                if roll < error_rate + self.chaos.get("ambiguous_rate", 0):
+                    self.stats["ambiguous"] += 1
+                    answer = self.rng.choice([(500, {"error": "failed after commit"}), (None, None)])
+                    job["done"].set_result(answer)
+                else:
+                    job["done"].set_result((200, answer))
+            except Exception as exc:  # a worker task that raises dies silently, and a slot of capacity with it
+                print(f"{self.name}: a call failed in a worker: {exc!r}", file=sys.stderr)
+                if not job["done"].done():
+                    job["done"].set_result((500, {"error": "internal error"}))
 
     def snapshot(self, with_refs):
         """Ground truth: what really happened here, whatever the callers believe."""
