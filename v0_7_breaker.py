@@ -583,8 +583,15 @@ class Dependency:
         return self.chaos
 
     async def serve(self, reader, writer, headers, payload):
-        """One call: chaos first, then Idempotency-Key, then the FIFO and a worker slot."""
-        self.stats["calls"] += 1
+        """One call: check it, then chaos, then Idempotency-Key, then the FIFO and a worker slot."""
+        fields = {"order_id": str, "ref": str, **({"amount": int} if self.name == "payment" else {})}
+        if not isinstance(payload, dict) or any(type(payload.get(k)) is not t for k, t in fields.items()):
+            raise BadRequest(400, "a JSON object of " + ", ".join(f"{k} ({t.__name__})" for k, t in fields.items()))
+        budget_ms = headers.get("x-deadline-ms")  # relative, like gRPC's grpc-timeout
+        if budget_ms is not None and not (budget_ms.isascii() and budget_ms.replace(".", "", 1).isdigit()
+                                          and 0 < float(budget_ms) < float("inf")):  # 400 digits: inf
+            raise BadRequest(400, "X-Deadline-Ms is a positive number of milliseconds")
+        self.stats["calls"] += 1  # only now: a refused call must never reserve its Idempotency-Key
         self.calls[str(payload["ref"])] += 1
         key, chaos = headers.get("idempotency-key"), self.chaos
         if chaos.get("down"):
@@ -599,7 +606,6 @@ class Dependency:
             return await respond(writer, status, answer or {"error": HTTPStatus(status).phrase})
         if key:
             self.answers[key] = [payload, None]
-        budget_ms = headers.get("x-deadline-ms")  # relative, like gRPC's grpc-timeout
         job = {"ref": str(payload["ref"]), "key": key, "gone": False,
                "deadline": time.monotonic() + float(budget_ms) / 1000 if budget_ms else None,
                "done": asyncio.get_running_loop().create_future()}
