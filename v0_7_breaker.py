@@ -528,6 +528,7 @@ class OrdersServer(HTTPServer):
 # an unbounded FIFO, like a naive real dependency. It finishes work whose caller has gone.
 CHAOS_KNOBS = {"latency_factor": (1, 100), "error_rate": (0, 1), "ambiguous_rate": (0, 1), "hang_rate": (0, 1),
                "blackhole": (0, 1), "down": (0, 1)}  # knob -> its range; blackhole and down are 0/1 switches
+REQUEST_READ_S = 1.0  # our callers send a request in one write: a trickle or a short body is cut off
 
 
 class BadRequest(Exception):
@@ -548,7 +549,7 @@ class Dependency:
     async def handle(self, reader, writer):
         """Serve one connection: one request, one answer, close."""
         try:
-            method, path, query, headers, body = await read_request(reader)
+            method, path, query, headers, body = await asyncio.wait_for(read_request(reader), REQUEST_READ_S)
             if (method, path) == ("POST", "/chaos"):
                 await respond(writer, 200, self.set_chaos(json.loads(body or b"{}", parse_constant=int)))
             elif (method, path) == ("GET", "/chaos"):
@@ -562,10 +563,18 @@ class Dependency:
         except BadRequest as exc:
             status, detail = exc.args
             await respond(writer, status, {"error": HTTPStatus(status).phrase.lower(), "detail": detail})
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:
-            await respond(writer, 400, {"error": "bad request", "detail": str(exc)[:200]})
-        except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
+        except (ValueError, RecursionError):  # from json.loads: NaN and Infinity are not JSON; "[[[[..." too deep
+            await respond(writer, 400, {"error": "bad request", "detail": "body is not valid JSON"})
+        except asyncio.LimitOverrunError:  # the head, or one line of it, over 64 KiB
+            await respond(writer, 431, {"error": "request header fields too large", "detail": "over 64 KiB"})
+        except asyncio.IncompleteReadError:  # EOF inside the head or the body (a half-close still hears why)
+            await respond(writer, 400, {"error": "bad request", "detail": "the request ended early"})
+        except asyncio.TimeoutError:  # before OSError: TimeoutError is one from Python 3.11 on
+            await respond(writer, 408, {"error": "request timeout", "detail": f"send it in {REQUEST_READ_S} s"})
+        except OSError:
             pass  # the caller went away mid-request
+        except Exception as exc:  # a bug costs one connection, never the simulator, and prints no traceback
+            print(f"{self.name}: cannot serve a request: {exc!r}", file=sys.stderr)
         finally:
             writer.close()
 
@@ -700,23 +709,42 @@ class Dependency:
 
 
 async def read_request(reader):
-    """Read one HTTP/1.x request: (method, path, query, lower-case headers, body)."""
-    lines = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
-    method, target, _ = lines[0].split(" ", 2)
-    headers = {k.strip().lower(): v.strip() for k, _, v in (x.partition(":") for x in lines[1:] if x)}
-    length = int(headers.get("content-length", 0))
-    if not 0 <= length <= MAX_BODY_BYTES:
-        raise ValueError("bad Content-Length")
-    path, _, query = target.partition("?")
-    return method, path, query, headers, await reader.readexactly(length)
+    """Read one HTTP/1.x request: (method, path, query, lower-case headers, body), or raise BadRequest."""
+    lines, size = [], 0
+    while not lines or lines[-1]:  # up to the empty line; a bare LF ends a line too (RFC 9112 section 2.2)
+        line = (await reader.readuntil(b"\n")).decode("latin-1")  # a line over 64 KiB: LimitOverrunError
+        size += len(line)
+        if size > MAX_BODY_BYTES:
+            raise asyncio.LimitOverrunError("request head over 64 KiB", size)
+        if lines or line.strip("\r\n"):  # an empty line before the request line is skipped (ibid.)
+            lines.append(line.rstrip("\r\n"))
+    words, headers = lines[0].split(" "), {}
+    if len(words) != 3:
+        raise BadRequest(400, "the request line is: METHOD TARGET HTTP/1.1")
+    for name, colon, value in (line.partition(":") for line in lines[1:-1]):
+        if not colon or name != name.strip():  # RFC 9112 section 5.1: no whitespace before the colon
+            raise BadRequest(400, "malformed header line")
+        if name.lower() == "content-length" and name.lower() in headers:  # which one frames the body?
+            raise BadRequest(400, "more than one Content-Length")
+        headers[name.lower()] = value.strip()
+    length = headers.get("content-length", "0")
+    if "transfer-encoding" in headers or not (length.isascii() and length.isdigit()):
+        raise BadRequest(400, "frame the body with a Content-Length: a non-negative integer")
+    if len(length) > 9 or int(length) > MAX_BODY_BYTES:  # int() refuses 4,300+ digits: never ask it
+        raise BadRequest(413, f"a body of at most {MAX_BODY_BYTES} bytes")
+    path, _, query = words[1].partition("?")
+    return words[0], path, query, headers, await reader.readexactly(int(length))
 
 
 async def respond(writer, status, obj):
-    """Write one JSON answer in a single write (no Nagle stall) and close."""
+    """Write one JSON answer in a single write (no Nagle stall); a caller that has gone is no error."""
     body = json.dumps(obj).encode()
     writer.write(f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\nContent-Type: application/json\r\n"
                  f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode() + body)
-    await writer.drain()
+    try:
+        await writer.drain()
+    except OSError:
+        pass  # reset by the caller: nobody is left to tell
 
 
 # === MAIN ===
