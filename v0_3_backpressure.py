@@ -23,6 +23,7 @@ import os
 import queue
 import random
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -444,7 +445,7 @@ class Dependency:
             return await respond(writer, status, answer or {"error": HTTPStatus(status).phrase})
         if key:
             self.answers[key] = [payload, None]
-        job = {"ref": str(payload["ref"]), "key": key, "gone": False,
+        job = {"ref": str(payload["ref"]), "key": key, "gone": False, "eof": False, "committed": False,
                "deadline": time.monotonic() + float(budget_ms) / 1000 if budget_ms else None,
                "done": asyncio.get_running_loop().create_future()}
         watcher = asyncio.ensure_future(self.watch_caller(reader, job))
@@ -452,21 +453,33 @@ class Dependency:
         self.stats["queue_peak"] = max(self.stats["queue_peak"], self.queue.qsize())
         status, answer = await job["done"]
         watcher.cancel()
-        if status is None:
-            writer.transport.abort()  # ambiguous: committed, and then the answer is lost
-        elif not job["gone"]:
+        if status is None or job["gone"]:
+            writer.transport.abort()  # ambiguous: committed, and then the answer is lost (or nobody is there)
+        else:
             await respond(writer, status, answer)
+            if job["eof"]:  # a half-close or a hang-up: only our answer tells them apart (see watch_caller)
+                await asyncio.sleep(0.05)  # time for the reset to come back; on loopback it is there at once
+                sock = writer.get_extra_info("socket")  # closed by the transport if the write failed
+                job["gone"] = writer.is_closing() or bool(sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR))
+        if job["gone"] and job["committed"]:
+            self.stats["zombie"] += 1  # work finished for a caller that had gone
 
     async def watch_caller(self, reader, job):
-        """Notice when the caller closes its side: from then on the work is zombie work."""
-        await reader.read(1)
-        job["gone"] = True
+        """Notice a caller that resets while its call waits; bytes after the request are ignored."""
+        # EOF is no hang-up: a caller that half-closes (SHUT_WR) still waits, and TCP shows that just like a
+        # close. So the call goes on and is answered; a caller that had closed resets at our answer (serve).
+        try:
+            while await reader.read(1024):
+                pass
+            job["eof"] = True
+        except OSError:  # ConnectionResetError
+            job["gone"] = True
 
     async def hold_open(self, reader):
         """Hang: never answer; hold the connection until the caller closes it."""
         self.stats["hung"] += 1
         self.stats["held_open"] += 1
-        try:
+        try:  # until EOF: with no answer to write, a close and a half-close look alike, and both release it
             while await reader.read(1024):
                 pass
         finally:
@@ -495,8 +508,7 @@ class Dependency:
                     continue
                 self.commits[job["ref"]] += 1
                 self.stats["commits"] += 1
-                if job["gone"]:
-                    self.stats["zombie"] += 1
+                job["committed"] = True  # zombie work if serve() finds its caller gone
                 answer = {"ref": job["ref"], "status": "committed"}
                 if job["key"]:
                     self.answers[job["key"]][1] = answer
