@@ -212,6 +212,23 @@ class OrdersHandler(BaseHTTPRequestHandler):
     server_version = "orders"
     disable_nagle_algorithm = True  # headers and body in one packet: no 40 ms Nagle/delayed-ACK stall
 
+    def parse_request(self):
+        """http.server's parser, plus the RFC 9112 corners it misses; a refusal is a JSON 400."""
+        if self.raw_requestline in (b"\r\n", b"\n"):  # section 2.2: skip an empty line before the request line
+            self.raw_requestline = self.rfile.readline(65537)
+        if len(self.raw_requestline.split()) == 2:  # HTTP/0.9 "GET /path": the stdlib would wait for headers
+            self.requestline, self.command = "", None  # send_error needs them; the stdlib has not set them yet
+            return self.send_error(400, "HTTP/0.9 is not supported: send HTTP/1.0 or HTTP/1.1")
+        if not super().parse_request():
+            return False
+        if self.headers.defects:  # a line with no colon: the stdlib reads it, and all after it, as the body
+            return self.error(400, "malformed header", "each header line is Name: value")
+        try:
+            urlsplit(self.path)  # an absolute-form target with a bad host raises: http://[/health
+        except ValueError:
+            return self.error(400, "bad request", "malformed request target")
+        return True
+
     def do_GET(self):
         path = urlsplit(self.path).path
         if path == "/health":
@@ -263,12 +280,13 @@ class OrdersHandler(BaseHTTPRequestHandler):
 
     def read_body(self):
         """Read the request body, or answer 411/400/413 and return None."""
-        length = self.headers.get("Content-Length")
+        lengths = self.headers.get_all("Content-Length")  # two of them are a 400 (RFC 9112 section 6.3)
+        length = None if lengths is None else ", ".join(v.strip(" \t") for v in lengths)  # OWS around is fine
         if length is None:
             self.error(411, "length required", "send a Content-Length header")
-        elif not (length.isascii() and length.isdigit()):  # "²".isdigit() is True, int("²") fails
-            self.error(400, "bad request", "Content-Length must be a non-negative integer")
-        elif int(length) > MAX_BODY_BYTES:
+        elif not (length.isascii() and length.isdigit()):  # "²".isdigit() is True, int("²") fails; "5, 6" too
+            self.error(400, "bad request", "send one Content-Length: a non-negative integer")
+        elif len(length) > 9 or int(length) > MAX_BODY_BYTES:  # int() refuses 4,300+ digits: never ask it
             self.error(413, "body too large", f"at most {MAX_BODY_BYTES} bytes")
         else:
             body = self.rfile.read(int(length))
@@ -291,7 +309,7 @@ class OrdersHandler(BaseHTTPRequestHandler):
                                "Connection": "close", **(headers or {})}.items():
                 self.send_header(key, value)
             self.end_headers()
-            self.wfile.write(body)
+            self.wfile.write(b"" if self.command == "HEAD" else body)  # RFC 9110 section 9.3.2: no body
         except OSError:
             pass  # the client has gone; nothing left to tell it
 
