@@ -229,8 +229,11 @@ class IdempotencyStore:
             return answer  # a 5xx too: its charge may have committed, so doing it again could charge twice
 
     def finish(self, key, answer):
+        """Remember our answer to replay it; a 503 did nothing, so its key is let go for the client's retry."""
         with self.lock:
-            if key in self.entries:
+            if answer[0] == 503:
+                self.entries.pop(key, None)
+            elif key in self.entries:
                 self.entries[key][1] = answer
 
 
@@ -313,8 +316,10 @@ class OrdersHandler(BaseHTTPRequestHandler):
             return self.reply(*self.place(fields))
         answer = IDEMPOTENCY.begin(key, fields)  # None: a new key, reserved for us
         if answer is None:
-            answer = self.place(fields)
-            IDEMPOTENCY.finish(key, answer)
+            try:
+                answer = self.place(fields)
+            finally:  # if place() raised (a bug), a 503 lets the key go: never stuck in flight for good
+                IDEMPOTENCY.finish(key, answer or (503, None, None))
         self.reply(*answer)
 
     def place(self, fields):

@@ -109,6 +109,16 @@ def test_keys_expire_and_the_store_is_bounded(path):
     assert store.begin("a", {"x": 1}) is None, "an expired key is a new order"
 
 
+@pytest.mark.parametrize("path", LATER, ids=version_id)
+def test_a_503_lets_its_key_go(path):
+    """503 means nothing was done (a breaker open, a bug in place()): the client's retry with the key must proceed."""
+    store = load_version(path).IdempotencyStore(ttl_s=10, max_keys=10)
+    assert store.begin("k", {"x": 1}) is None
+    store.finish("k", (503, {"error": "payment failed"}, {"Retry-After": "1"}))
+    assert store.begin("k", {"x": 1}) is None, "the retry is a fresh start, not a replayed 503"
+    assert store.begin("k", {"x": 1})[0] == 409
+
+
 def test_versions_before_v0_5_ignore_keys():
     """The lesson's other side: v0.4 takes a retried key as a new order (flaky-payment shows the cost)."""
     path = next(p for p in VERSIONS if version_id(p) == "v0_4")
