@@ -223,8 +223,11 @@ class CircuitBreaker:
         """A ticket for one call (hand it to record), or None: fail fast."""
         with self.lock:
             now = self.clock()
-            if self.state != "closed" and now - self.since >= self.open_s:  # a probe never ended: open again
-                self.move("half-open" if self.state == "open" else "open", now)
+            stuck = any(now - t >= self.open_s for t in self.started.values() if t >= self.since)
+            if self.state == "open" and now - self.since >= self.open_s:
+                self.move("half-open", now)
+            elif self.state == "half-open" and stuck:  # a probe that never ends must not hold it half-open
+                self.move("open", now)
             self.judge(now)
             probing = sum(1 for t in self.started.values() if t >= self.since)
             if self.state == "open" or (self.state == "half-open" and probing >= self.probes):
@@ -272,11 +275,14 @@ def call_dependency(name, path, payload, idempotency_key=None):
     timeout_s = {"payment": PAYMENT_TIMEOUT_S, "shipping": SHIPPING_TIMEOUT_S}[name]
     deadline = time.monotonic() + CALL_DEADLINE_S
     headers = {"Idempotency-Key": idempotency_key}  # the same key on every attempt: done at most once
+    error = None
     for attempt in range(1, MAX_ATTEMPTS + 1):
         remaining_s = deadline - time.monotonic()
         if remaining_s <= 0:
             raise DependencyError(504, f"{name} gave no answer within {CALL_DEADLINE_S} s")
         ticket = BREAKERS[name].allow()
+        if ticket is None and error:  # an earlier try may have committed: its outcome is unknown, not "come later"
+            raise error
         if ticket is None:  # open: do not even try; not retried, since nothing changes for BREAKER_OPEN_S
             raise DependencyError(503, f"{name} circuit open: failing fast", retryable=False)
         try:
@@ -287,6 +293,7 @@ def call_dependency(name, path, payload, idempotency_key=None):
             return answer
         except DependencyError as exc:
             BREAKERS[name].record(ticket, success=False)
+            error = exc
             may_retry = RETRY_BUDGETS[name].record(success=False) and exc.retryable
             pause_s = max(RNG.uniform(0, min(BACKOFF_CAP_S, BACKOFF_BASE_S * 2 ** attempt)), exc.retry_after_s or 0)
             if attempt == MAX_ATTEMPTS or not may_retry or time.monotonic() + pause_s >= deadline:

@@ -209,6 +209,17 @@ def test_probes_that_never_end_cannot_hold_it_half_open(path):
     assert breaker.state == "closed"
 
 
+@pytest.mark.parametrize("path", BREAKING, ids=version_id)
+def test_probes_that_arrive_slowly_still_close_it(path):
+    """Light traffic: one probe now, the next long after open_s. Half-open waits for its verdict."""
+    breaker, clock = make_breaker(path)
+    half_open(breaker, clock)
+    call(breaker, clock, success=True)
+    clock.advance(3 * breaker.open_s)
+    call(breaker, clock, success=True)
+    assert breaker.state == "closed"
+
+
 # === RETRY BUDGET ===
 
 
@@ -413,3 +424,16 @@ def test_failed_attempts_feed_the_breaker(path, stub, monkeypatch):
         charge(dep)
     assert second.value.status == 503 and second.value.retryable is False
     assert len(stub.calls) == 3
+
+
+@pytest.mark.parametrize("path", BREAKING, ids=version_id)
+def test_a_breaker_that_opens_between_attempts_answers_the_first_error(path, stub, monkeypatch):
+    """The first try may have committed (an ambiguous failure): its 502 says 'unknown', never a 503 'come later'."""
+    dep = wire(module(path), stub, monkeypatch)
+    breaker = dep.mod.CircuitBreaker(window_calls=10, min_calls=1, failure_rate=0.5, slow_call_s=10.0, open_s=60.0,
+                                     probes=1)
+    monkeypatch.setitem(dep.mod.BREAKERS, "payment", breaker)
+    stub.answers = [(500, {})]
+    with pytest.raises(dep.mod.DependencyError) as info:
+        charge(dep)
+    assert info.value.status == 502 and len(stub.calls) == 1 and breaker.state == "open"
