@@ -156,6 +156,7 @@ def http_post(url, payload, headers, connect_timeout_s, timeout_s):
         conn.connect()
         conn.sock.settimeout(timeout_s)  # None: wait forever. Python applies it per socket operation
         body = json.dumps(payload).encode()
+        headers = {name: value for name, value in headers.items() if value is not None}  # no key: no header
         conn.request("POST", parts.path, body, {"Content-Type": "application/json", **headers})
         resp = conn.getresponse()
         data = resp.read()
@@ -640,14 +641,32 @@ def start_child(role, host, port, seed):
         raise SystemExit(f"{role} did not start (exit code {proc.poll()})") from None
 
 
+def port_number(text):
+    """--port: 0 (free ports for all), or a port that leaves room for payment and shipping on the next two."""
+    if not (text.isascii() and text.isdigit() and len(text) <= 5 and int(text) <= 65533):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port from 0 to 65533")
+    return int(text)
+
+
+def http_url(text):
+    """--payment-url, --shipping-url: checked now, or every order would fail later."""
+    try:
+        parts = urlsplit(text)
+        if parts.scheme == "http" and parts.hostname and parts.port:
+            return text.rstrip("/")
+    except ValueError:  # a port out of range
+        pass
+    raise argparse.ArgumentTypeError(f"{text!r} is not an http://host:port URL")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog="Ctrl-C stops all it started.")
     parser.add_argument("--host", default=HOST, help="address to bind (default %(default)s: loopback only)")
-    parser.add_argument("--port", type=int, help=f"orders port (default {ORDERS_PORT}; payment and shipping take the "
-                        "next two); 0 picks free ports for all")
+    parser.add_argument("--port", type=port_number, help=f"orders port (default {ORDERS_PORT}; payment and shipping "
+                        "take the next two); 0 picks free ports for all")
     parser.add_argument("--role", choices=["orders", "payment", "shipping"], help="run only this piece")
-    parser.add_argument("--payment-url", help="use this payment instead of starting one")
-    parser.add_argument("--shipping-url", help="use this shipping instead of starting one")
+    parser.add_argument("--payment-url", type=http_url, help="use this payment instead of starting one")
+    parser.add_argument("--shipping-url", type=http_url, help="use this shipping instead of starting one")
     parser.add_argument("--seed", type=int, default=SEED, help="seed of the simulators' chaos (default %(default)s)")
     args = parser.parse_args(argv)
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM stops us like Ctrl-C

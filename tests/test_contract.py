@@ -376,6 +376,17 @@ def test_help(version_path):
         assert flag in proc.stdout, f"--help does not mention {flag}"
 
 
+@pytest.mark.parametrize("args", [["--port", "70000"], ["--port", "65535"], ["--port", "-1"], ["--port", "abc"],
+                                  ["--payment-url", "notaurl"], ["--shipping-url", "http://127.0.0.1:99999"]],
+                         ids=lambda a: " ".join(a))
+def test_bad_flags_are_refused_before_anything_starts(version_path, args):
+    """A port with no room for payment and shipping, or a URL no order could reach: usage error, exit 2."""
+    proc = subprocess.run([sys.executable, version_path, *args], capture_output=True, text=True, timeout=30,
+                          stdin=subprocess.DEVNULL, check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert args[0] in proc.stderr and proc.stdout == ""
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_signal_to_orders_stops_all_three(version_path, sig):
     svc = Service(version_path)

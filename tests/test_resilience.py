@@ -386,9 +386,6 @@ def test_an_empty_retry_budget_stops_retries(dep):
     assert len(dep.stub.calls) == 1
 
 
-@pytest.mark.xfail(raises=TypeError, reason="latent bug: call_dependency's default idempotency_key=None is sent as "
-                   "the header value None; http.client raises TypeError, which escapes as no DependencyError "
-                   "(and in v0.7 leaves the breaker ticket in flight forever). Every caller passes a key today.")
 def test_a_call_without_an_idempotency_key_works(dep):
     assert dep.mod.call_dependency("payment", "/charge", PAYLOAD) == {"ok": True}
     assert dep.stub.keys() == [None]
