@@ -18,6 +18,7 @@ PAIRS = [
     ("flaky-payment", "v0_5", "v0_4", False),
     ("retry-storm", "v0_6", "v0_5", False),
     ("payment-down", "v0_7", "v0_6", False),
+    ("early-warning", "v0_8", "v0_7", True),
 ]
 LESSONS = [(scenario, fixer) for scenario, fixer, _, _ in PAIRS]
 
@@ -49,10 +50,20 @@ def test_decisive_pair(scenario, fixer, predecessor, higher_is_better):
     assert after["verdict"] == "pass", f"{fixer} should pass {scenario}:\n{out}"
     figure = after["decisive"]
     worse, better = before["figures"][figure], after["figures"][figure]
-    if higher_is_better:
+    if worse is None:  # not measurable at all before (no alert without /metrics): as far apart as it gets
+        assert better is not None, out
+    elif higher_is_better:
         assert better >= 2 * max(worse, 0.1), f"{figure}: {predecessor} {worse} vs {fixer} {better}\n{out}"
     else:
         assert worse >= 2 * better, f"{figure}: {predecessor} {worse} vs {fixer} {better}\n{out}"
+
+
+def test_no_false_alarm_in_steady():
+    """From v0.8: an alert that fires on a healthy system teaches operators to ignore it."""
+    if "v0_8" not in PRESENT:
+        pytest.skip("v0_8 not written yet")
+    runs, out = runs_by_target("--target", "v0_8", "--scenario", "steady")
+    assert runs["v0_8"]["verdict"] == "pass" and runs["v0_8"]["figures"]["first_alert"] is None, out
 
 
 def test_v0_1_spike_piles_up():

@@ -308,7 +308,8 @@ def wire(mod, stub, monkeypatch):
     Backoff pauses are recorded, not slept (the module's `time` is a stand-in with the real monotonic clock),
     so a Retry-After of seconds costs nothing. Timeout and deadline are roomy so a busy machine is not a 504."""
     pauses = []
-    monkeypatch.setattr(mod, "time", types.SimpleNamespace(monotonic=time.monotonic, sleep=pauses.append))
+    fake_time = types.SimpleNamespace(monotonic=time.monotonic, time=time.time, sleep=pauses.append)
+    monkeypatch.setattr(mod, "time", fake_time)
     monkeypatch.setattr(mod, "PAYMENT_TIMEOUT_S", 2.0)
     monkeypatch.setattr(mod, "CALL_DEADLINE_S", 5.0)
     monkeypatch.setitem(mod.DEPENDENCY_URLS, "payment", stub.url)
