@@ -123,7 +123,9 @@ def fulfil(event):
 
 # === RELIABILITY ===
 DEPENDENCY_URLS = {}  # "payment"/"shipping" -> base URL, set in MAIN
-EVENTS = queue.Queue(EVENTS_MAX)  # bounded: a slow consumer pushes back instead of hiding a backlog
+EVENTS = queue.Queue(EVENTS_MAX + ORDER_WORKERS)  # bounded: a slow consumer pushes back instead of hiding a backlog
+# admit() refuses at EVENTS_MAX; the orders already past it (one per worker at most) always find room, so
+# publish() never blocks a worker on a full queue after the charge.
 
 
 class TokenBucket:
