@@ -19,6 +19,7 @@ PAIRS = [
     ("retry-storm", "v0_6", "v0_5", False),
     ("payment-down", "v0_7", "v0_6", False),
     ("early-warning", "v0_8", "v0_7", True),
+    ("partial-failure", "v1_0", "v0_8", False),
 ]
 LESSONS = [(scenario, fixer) for scenario, fixer, _, _ in PAIRS]
 

@@ -1,0 +1,1047 @@
+"""v1.0 composed: every constraint at once, under one deadline, and nothing acknowledged is lost.
+
+Adds:        one deadline budget end to end: a client's X-Deadline-Ms (relative, like gRPC's
+             grpc-timeout; 1 s when absent) starts when we accept the connection and bounds the
+             queue wait, each call's timeout and whether a retry still fits; it is re-encoded at
+             each hop, so payment and shipping drop work nobody waits for, and a request whose
+             budget ran out in our queue gets 504 before any work. Failed shipments are
+             redelivered with capped, jittered backoff until they ship (shipping's idempotency
+             makes that safe); the bounded event queue pushes back at the door meanwhile.
+Fixes:       `partial-failure`: lost orders 312 -> 0 (every acknowledged order ships).
+               python loadtest.py --compare v0_8,v1_0 --scenario partial-failure
+Still breaks: nothing in our scenarios: v1.0 passes all ten.
+               python loadtest.py --target v1_0 --scenario all
+Run:         python v1_0_composed.py
+Diff:        diff -u v0_8_observability.py v1_0_composed.py
+"""
+import argparse
+import asyncio
+import collections
+import http.client
+import io
+import itertools
+import json
+import os
+import queue
+import random
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, HTTPServer
+from urllib.parse import urlsplit
+
+# === CONFIG ===
+HOST = "127.0.0.1"
+ORDERS_PORT = 8080  # payment and shipping listen on the next two ports
+PAYMENT_WORKERS = 4  # payment serves 4 charges at a time...
+PAYMENT_SERVICE_MS = 40  # ...40 ms each: capacity C = 4 / 0.040 = 100 charges/s
+SHIPPING_WORKERS = 4
+SHIPPING_SERVICE_MS = 5  # fast enough for one sequential fulfilment worker to keep up
+MAX_BODY_BYTES = 64 * 1024  # larger request bodies get 413
+CATALOG_CENTS = {"book": 1200, "mug": 800, "pen": 150}
+MAX_QTY = 1000
+SEED = 42  # all randomness comes from random.Random(SEED)
+MAX_ATTEMPTS = 3  # one try and two retries at most (DESIGN: <= 3); 5 layers x 3 tries would be 243x
+ADMIT_RATE_RPS = 90  # 90% of C: random arrivals at utilisation -> 1 queue without bound
+ADMIT_BURST = 10  # absorbs a short burst without shedding; small, so queueing stays small
+ORDER_WORKERS = 8  # Little's law: 100 orders/s x ~50 ms each = 5 busy on average; 8 leaves headroom
+ACCEPT_QUEUE_MAX = 8  # waits at most 8 / 100 per s = 80 ms when healthy; a buffer, not a parking lot
+EVENTS_MAX = 30  # ~1 s of shipping even when shipping is 5x slower; past that, intake says 503
+CONNECT_TIMEOUT_S = 0.1  # a loopback connect takes well under 1 ms; 100 ms means nobody is there
+PAYMENT_TIMEOUT_S = 0.25  # healthy p99.9 72 ms (loadtest.py --probe); an admitted call may queue 200 ms
+SHIPPING_TIMEOUT_S = 0.1  # healthy p99.9 7 ms (--probe); async, so it must catch a hang, not a 5x brownout
+CALL_DEADLINE_S = 1.0  # one call with all its retries, when no request's deadline bounds it (redelivery)
+DEADLINE_DEFAULT_MS = 1000  # a request without X-Deadline-Ms gets 1 s from accept to answer (gRPC has no default)
+DEADLINE_MAX_MS = 10_000  # the most a client may ask us to hold a worker for it
+REDELIVERY_BASE_S = 0.05  # a failed shipment waits random(0, min(cap, base * 2^n)) and is tried again...
+REDELIVERY_CAP_S = 1.0  # ...at least once a second, so shipping's return is noticed within a second
+CLIENT_READ_DEADLINE_S = 2.0  # a client gets this long to send its whole request; then we hang up
+IDEMPOTENCY_TTL_S = 600  # a client key is remembered 10 min (Stripe: 24 h); a retry after that is a new order
+IDEMPOTENCY_KEYS_MAX = 100_000  # 10 min at 90 orders/s is 54,000 keys; when full, new keys get 503, never amnesia
+BACKOFF_BASE_S = 0.05  # retry n waits random(0, min(cap, base * 2^n)): 0-100 ms, then 0-200 ms
+BACKOFF_CAP_S = 0.5  # so three 250 ms attempts and their pauses fit in CALL_DEADLINE_S
+RETRY_TOKENS_MAX = 10  # gRPC retry throttling (proposal A6): maxTokens 10; retries stop at half empty
+RETRY_TOKEN_RATIO = 0.5  # a success earns 0.5, a failure costs 1: retries stop once >1/3 of calls fail
+BREAKER_WINDOW_CALLS = 20  # resilience4j: a count window of the last 100 calls; ours sees ~0.5 s of traffic
+BREAKER_MIN_CALLS = 10  # never judge on fewer (resilience4j: minimumNumberOfCalls)
+BREAKER_FAILURE_RATE = 0.5  # open at >= 50% failed or slow calls (resilience4j and Hystrix: 50%)
+BREAKER_SLOW_CALL_S = 0.25  # payment's timeout: a call slower than its budget, or in flight past it, is bad
+BREAKER_OPEN_S = 1.0  # fail fast this long, then probe (resilience4j 60 s, Polly and Hystrix 5 s)
+BREAKER_PROBES = 3  # calls let through half-open; all must succeed to close
+LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, float("inf"))  # the Prometheus clients' defaults
+
+# === BUSINESS LOGIC (identical in every version) ===
+
+
+class ValidationError(Exception):
+    """The client sent an order we cannot accept: answered with 400."""
+
+
+class DependencyError(Exception):
+    """A dependency failed; `status` is our answer: 502 bad or no answer, 504 too slow.
+
+    `retryable`: could the same call succeed if tried again; `retry_after_s`: the dependency's hint."""
+
+    def __init__(self, status, detail, retryable=True, retry_after_s=None):
+        super().__init__(detail)
+        self.status, self.detail = status, detail
+        self.retryable, self.retry_after_s = retryable, retry_after_s
+
+
+def parse_order(body):
+    """Check the body of POST /orders and return its fields, or raise ValidationError."""
+    try:
+        data = json.loads(body)
+    except (ValueError, RecursionError):  # RecursionError: "[[[[..." nested too deep
+        raise ValidationError("body is not valid JSON") from None
+    if not isinstance(data, dict):
+        raise ValidationError("body must be a JSON object")
+    item, qty, customer, ref = (data.get(k) for k in ("item", "qty", "customer", "ref"))
+    if not isinstance(item, str) or item not in CATALOG_CENTS:  # a dict or list is not even hashable
+        raise ValidationError(f"item must be one of {sorted(CATALOG_CENTS)}")
+    if type(qty) is not int or not 1 <= qty <= MAX_QTY:  # type(): True is an int in Python
+        raise ValidationError(f"qty must be an integer from 1 to {MAX_QTY}")
+    if not isinstance(customer, str) or not 1 <= len(customer) <= 100:
+        raise ValidationError("customer must be a string of 1 to 100 characters")
+    if ref is not None and (not isinstance(ref, str) or not 1 <= len(ref) <= 100):
+        raise ValidationError("ref, when given, must be a string of 1 to 100 characters")
+    return {"item": item, "qty": qty, "customer": customer, "ref": ref}
+
+
+ORDERS = {}  # order_id -> order. One dict operation is atomic in CPython: no lock needed
+ORDER_IDS = itertools.count(1)
+
+
+def place_order(fields):
+    """Charge, store, publish OrderPlaced; return the order or raise DependencyError."""
+    order_id = f"ord-{next(ORDER_IDS):06d}"
+    ref = fields["ref"] or order_id
+    amount = CATALOG_CENTS[fields["item"]] * fields["qty"]
+    call_dependency("payment", "/charge", {"order_id": order_id, "amount": amount, "ref": ref},
+                    idempotency_key=f"charge-{order_id}")
+    order = dict(fields, order_id=order_id, ref=ref, amount=amount, status="placed")
+    ORDERS[order_id] = order
+    publish({"type": "OrderPlaced", "order_id": order_id, "ref": ref})
+    return order
+
+
+def fulfil(event):
+    """Ship one placed order and mark it shipped, or raise DependencyError."""
+    call_dependency("shipping", "/ship", {"order_id": event["order_id"], "ref": event["ref"]},
+                    idempotency_key=f"ship-{event['order_id']}")
+    ORDERS[event["order_id"]]["status"] = "shipped"
+
+
+# === RELIABILITY ===
+DEPENDENCY_URLS = {}  # "payment"/"shipping" -> base URL, set in MAIN
+EVENTS = queue.Queue(EVENTS_MAX + ORDER_WORKERS)  # bounded: a slow consumer pushes back instead of hiding a backlog
+# admit() refuses at EVENTS_MAX; the orders already past it (one per worker at most) always find room, so
+# publish() never blocks a worker on a full queue after the charge.
+CONTEXT = threading.local()  # the id of the request this thread serves; it travels on as X-Request-Id
+
+
+def log(event, **fields):
+    """One JSON object per line on stderr, in one write (threads never interleave): easy to grep and to parse."""
+    sys.stderr.write(json.dumps({"ts": round(time.time(), 3), "event": event, **fields}) + "\n")
+
+
+class Metrics:
+    """Counters, gauges and histograms in Prometheus' text exposition format 0.0.4, written by hand."""
+
+    def __init__(self, families):
+        self.families, self.values, self.lock = families, collections.Counter(), threading.Lock()
+
+    def add(self, name, amount=1, **labels):  # count (a counter), or move a gauge up or down
+        with self.lock:
+            self.values[name, tuple(labels.items())] += amount
+
+    def observe(self, name, seconds, **labels):  # a histogram: +1 in each bucket with le >= seconds (cumulative)
+        key = tuple(labels.items())
+        with self.lock:
+            for le in LATENCY_BUCKETS_S:  # every bucket, even at 0: a rate over a missing series is no rate
+                self.values[name + "_bucket", key + (("le", le),)] += 1 if seconds <= le else 0
+            self.values[name + "_count", key] += 1
+            self.values[name + "_sum", key] += seconds
+
+    def render(self, gauges):
+        """Each family: one HELP, one TYPE, then its samples, a histogram's buckets by increasing le."""
+        with self.lock:
+            values = sorted({**self.values, **gauges}.items())
+        lines = []
+        for name, (kind, text) in self.families.items():
+            lines += [f"# HELP {name} {text}", f"# TYPE {name} {kind}"]
+            for (series, key), value in values:  # labels: {dependency="payment",le="0.1"}; ours need no escaping
+                pairs = ",".join(f'{k}="{"+Inf" if v == float("inf") else v}"' for k, v in key)
+                if series == name or kind == "histogram" and series.rpartition("_")[0] == name:
+                    lines.append(f"{series}{{{pairs}}} {value}" if key else f"{series} {value}")
+        return "\n".join(lines) + "\n"
+
+
+METRICS = Metrics({  # RED per endpoint, then USE of the pool and the queues, then each dependency
+    "http_requests_total": ("counter", "Requests answered, by endpoint, method and status class."),
+    "http_request_duration_seconds": ("histogram", "From a worker taking the request to our answer."),
+    "orders_rejected_total": ("counter", "Orders refused before any work, by reason."),
+    "orders_workers_busy": ("gauge", f"Order workers serving a request, of {ORDER_WORKERS}."),
+    "queue_depth": ("gauge", f"Waiting: connections for a worker (at most {ACCEPT_QUEUE_MAX}), orders to ship "
+                    f"(at most {EVENTS_MAX})."),
+    "fulfilment_oldest_event_age_seconds": ("gauge", "How long the oldest order waiting to ship has waited."),
+    "fulfilment_failed_total": ("counter", "Shipments refused for good (dead letters): a person must look."),
+    "fulfilment_redeliveries_total": ("counter", "Shipments tried again after a failure."),
+    "dependency_request_duration_seconds": ("histogram", "One attempt to call a dependency, by outcome."),
+    "dependency_retries_total": ("counter", "Retries of calls to a dependency."),
+    "dependency_retry_tokens": ("gauge", f"Retry budget tokens, of {RETRY_TOKENS_MAX}; no retries at half."),
+    "circuit_breaker_state": ("gauge", "1 for the state each dependency's breaker is in."),
+})
+
+
+def gauges():
+    """Read at scrape time. AWS alarms on the oldest message's age: depth alone hides a stuck consumer."""
+    with EVENTS.mutex:
+        depth, oldest = len(EVENTS.queue), EVENTS.queue[0]["published"] if EVENTS.queue else None
+    return {("queue_depth", (("queue", "fulfilment"),)): depth,
+            ("fulfilment_oldest_event_age_seconds", ()): time.monotonic() - oldest if oldest else 0,
+            **{("dependency_retry_tokens", (("dependency", n),)): b.tokens for n, b in RETRY_BUDGETS.items()},
+            **{("circuit_breaker_state", (("dependency", n), ("state", s))): int(b.state == s)
+               for n, b in BREAKERS.items() for s in ("closed", "open", "half-open")}}
+
+
+class TokenBucket:
+    """Admit `rate_per_s` on average and bursts of up to `burst`; refuse the rest at once."""
+
+    def __init__(self, rate_per_s, burst):
+        self.rate_per_s, self.burst = rate_per_s, burst
+        self.tokens, self.last = burst, time.monotonic()
+        self.lock = threading.Lock()
+
+    def try_take(self):
+        with self.lock:
+            now = time.monotonic()
+            self.tokens = min(self.burst, self.tokens + (now - self.last) * self.rate_per_s)
+            self.last = now
+            if self.tokens < 1:
+                return False
+            self.tokens -= 1
+            return True
+
+
+ADMISSION = TokenBucket(ADMIT_RATE_RPS, ADMIT_BURST)
+
+
+def admit():
+    """Take a new order? None to accept, or (status, error, detail, headers) to refuse it."""
+    if EVENTS.qsize() >= EVENTS_MAX:  # backpressure: fulfilment is behind, so stop taking orders
+        return 503, "fulfilment backlog full", f"{EVENTS_MAX} orders wait to ship", {"Retry-After": "1"}
+    if ADMISSION.try_take():
+        return None
+    return 503, "overloaded", f"over {ADMIT_RATE_RPS} orders/s, retry later", {"Retry-After": "1"}  # RFC 9110
+
+
+def http_post(url, payload, headers, connect_timeout_s, timeout_s):
+    """POST JSON and return the decoded answer, or raise DependencyError."""
+    parts = urlsplit(url)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=connect_timeout_s)
+    try:
+        conn.connect()
+        conn.sock.settimeout(timeout_s)  # None: wait forever. Python applies it per socket operation
+        body = json.dumps(payload).encode()
+        headers = {name: value for name, value in headers.items() if value is not None}  # no key: no header
+        conn.request("POST", parts.path, body, {"Content-Type": "application/json", **headers})
+        resp = conn.getresponse()
+        data = resp.read()
+    except TimeoutError:
+        raise DependencyError(504, f"{url} timed out") from None
+    except (OSError, http.client.HTTPException) as exc:
+        raise DependencyError(502, f"{url} failed: {exc.__class__.__name__}") from None
+    finally:
+        conn.close()
+    if resp.status >= 300:  # 409 still in flight, 429 and 5xx overloaded or failed; any other 4xx is final
+        retryable = resp.status in (409, 429) or resp.status >= 500
+        hint = resp.getheader("Retry-After", "")
+        retry_after_s = int(hint) if hint.isascii() and hint.isdigit() else None  # seconds; an HTTP date is ignored
+        raise DependencyError(502, f"{url} answered {resp.status}", retryable, retry_after_s)
+    try:
+        return json.loads(data)
+    except ValueError:
+        raise DependencyError(502, f"{url} answered with bad JSON") from None
+
+
+class RetryBudget:
+    """gRPC retry throttling: failures drain tokens, successes refill them; retry only above half."""
+
+    def __init__(self, max_tokens, token_ratio, name=""):
+        self.max_tokens, self.token_ratio, self.tokens, self.name = max_tokens, token_ratio, max_tokens, name
+        self.lock = threading.Lock()
+
+    def record(self, success):
+        """Count one call's outcome, and say whether a retry is allowed now."""
+        with self.lock:
+            before = self.tokens > self.max_tokens / 2
+            change = self.token_ratio if success else -1
+            self.tokens = min(self.max_tokens, max(0, self.tokens + change))
+            if (self.tokens > self.max_tokens / 2) != before:  # a state change: worth a log line
+                log("retry budget " + ("exhausted" if before else "restored"), dependency=self.name)
+            return self.tokens > self.max_tokens / 2
+
+
+class CircuitBreaker:
+    """Closed: count outcomes; open: refuse at once; half-open: a few probes decide (resilience4j)."""
+
+    def __init__(self, window_calls, min_calls, failure_rate, slow_call_s, open_s, probes, name=""):
+        self.outcomes = collections.deque(maxlen=window_calls)  # True: failed or slow
+        self.min_calls, self.failure_rate, self.slow_call_s = min_calls, failure_rate, slow_call_s
+        self.open_s, self.probes, self.clock, self.name = open_s, probes, time.monotonic, name
+        self.state, self.since, self.probes_ok, self.started = "closed", 0.0, 0, {}  # started: ticket -> time
+        self.lock = threading.Lock()
+
+    def allow(self):
+        """A ticket for one call (hand it to record), or None: fail fast."""
+        with self.lock:
+            now = self.clock()
+            stuck = any(now - t >= self.open_s for t in self.started.values() if t >= self.since)
+            if self.state == "open" and now - self.since >= self.open_s:
+                self.move("half-open", now)
+            elif self.state == "half-open" and stuck:  # a probe that never ends must not hold it half-open
+                self.move("open", now)
+            self.judge(now)
+            probing = sum(1 for t in self.started.values() if t >= self.since)
+            if self.state == "open" or (self.state == "half-open" and probing >= self.probes):
+                return None
+            ticket = object()
+            self.started[ticket] = now
+            return ticket
+
+    def record(self, ticket, success):
+        """One call ended: count it, and let the outcome move the state."""
+        with self.lock:
+            now = self.clock()
+            started = self.started.pop(ticket)
+            bad = not success or now - started >= self.slow_call_s
+            if self.state == "half-open" and started >= self.since:
+                self.probes_ok += 1
+                if bad or self.probes_ok >= self.probes:
+                    self.move("open" if bad else "closed", now)
+            elif self.state == "closed":
+                self.outcomes.append(bad)
+                self.judge(now)
+
+    def judge(self, now):
+        """Closed: open if the window is bad enough. Calls still in flight count as slow once they are."""
+        slow = sum(1 for t in self.started.values() if now - t >= self.slow_call_s)
+        calls = len(self.outcomes) + slow
+        if self.state == "closed" and calls >= self.min_calls and \
+                (sum(self.outcomes) + slow) / calls >= self.failure_rate:
+            self.move("open", now)
+
+    def move(self, state, now):
+        log("circuit breaker " + state, dependency=self.name, was=self.state)
+        self.state, self.since, self.probes_ok = state, now, 0
+        if state == "closed":
+            self.outcomes.clear()
+
+
+BREAKERS = {name: CircuitBreaker(BREAKER_WINDOW_CALLS, BREAKER_MIN_CALLS, BREAKER_FAILURE_RATE, BREAKER_SLOW_CALL_S,
+                                 BREAKER_OPEN_S, BREAKER_PROBES, name) for name in ("payment", "shipping")}
+RETRY_BUDGETS = {name: RetryBudget(RETRY_TOKENS_MAX, RETRY_TOKEN_RATIO, name) for name in ("payment", "shipping")}
+RNG = random.Random(SEED)  # backoff jitter
+
+
+def call_dependency(name, path, payload, idempotency_key=None):
+    """Call a dependency: timeouts on every attempt, retries bounded in number, time and budget."""
+    timeout_s = {"payment": PAYMENT_TIMEOUT_S, "shipping": SHIPPING_TIMEOUT_S}[name]
+    deadline = getattr(CONTEXT, "deadline", None) or time.monotonic() + CALL_DEADLINE_S  # the request's own
+    headers = {"Idempotency-Key": idempotency_key,  # the same key on every attempt: done at most once
+               "X-Request-Id": getattr(CONTEXT, "request_id", None)}  # one id for the request in every service
+    error = None
+    for attempt in range(1, MAX_ATTEMPTS + 1):
+        remaining_s = deadline - time.monotonic()
+        if remaining_s <= 0:
+            raise DependencyError(504, f"{name} gave no answer within the request's deadline")
+        headers["X-Deadline-Ms"] = f"{max(1, remaining_s * 1000):.0f}"  # re-encoded at each hop: grpc-timeout
+        ticket = BREAKERS[name].allow()
+        if ticket is None and error:  # an earlier try may have committed: its outcome is unknown, not "come later"
+            raise error
+        if ticket is None:  # open: do not even try; not retried, since nothing changes for BREAKER_OPEN_S
+            raise DependencyError(503, f"{name} circuit open: failing fast", retryable=False)
+        started = time.monotonic()
+        try:
+            answer = http_post(DEPENDENCY_URLS[name] + path, payload, headers, CONNECT_TIMEOUT_S,
+                               min(timeout_s, remaining_s))
+            METRICS.observe("dependency_request_duration_seconds", time.monotonic() - started, dependency=name,
+                            outcome="ok")
+            BREAKERS[name].record(ticket, success=True)
+            RETRY_BUDGETS[name].record(success=True)
+            return answer
+        except DependencyError as exc:
+            METRICS.observe("dependency_request_duration_seconds", time.monotonic() - started, dependency=name,
+                            outcome="timeout" if exc.status == 504 else "error")
+            BREAKERS[name].record(ticket, success=False)
+            error = exc
+            may_retry = RETRY_BUDGETS[name].record(success=False) and exc.retryable
+            pause_s = max(RNG.uniform(0, min(BACKOFF_CAP_S, BACKOFF_BASE_S * 2 ** attempt)), exc.retry_after_s or 0)
+            if attempt == MAX_ATTEMPTS or not may_retry or time.monotonic() + pause_s >= deadline:
+                raise
+            METRICS.add("dependency_retries_total", dependency=name)
+            time.sleep(pause_s)  # full jitter: retries spread out instead of arriving in waves
+
+
+class IdempotencyStore:
+    """Client keys -> the first answer (IETF Idempotency-Key draft; Stripe replays status and body)."""
+
+    def __init__(self, ttl_s, max_keys):
+        self.ttl_s, self.max_keys, self.clock = ttl_s, max_keys, time.monotonic
+        self.entries = collections.OrderedDict()  # key -> [fields, answer or None while in flight, created]
+        self.lock = threading.Lock()  # checking a key and reserving it must be one step
+
+    def begin(self, key, fields):
+        """Reserve `key` for this order: None to go ahead, or the answer to send instead."""
+        with self.lock:
+            now = self.clock()
+            while self.entries and next(iter(self.entries.values()))[2] <= now - self.ttl_s:
+                self.entries.popitem(last=False)  # oldest first: keys expire in the order they came
+            if key not in self.entries:
+                if len(self.entries) >= self.max_keys:
+                    return 503, {"error": "overloaded", "detail": "too many idempotency keys"}, {"Retry-After": "1"}
+                self.entries[key] = [fields, None, now]
+                return None
+            first, answer, _ = self.entries[key]
+            if first != fields:
+                return 422, {"error": "key reused", "detail": "this Idempotency-Key was sent with another body"}, {}
+            if answer is None:
+                return 409, {"error": "in flight", "detail": "a request with this key is still in progress"}, {}
+            return answer  # a 5xx too: its charge may have committed, so doing it again could charge twice
+
+    def finish(self, key, answer):
+        """Remember our answer to replay it; a 503 did nothing, so its key is let go for the client's retry."""
+        with self.lock:
+            if answer[0] == 503:
+                self.entries.pop(key, None)
+            elif key in self.entries:
+                self.entries[key][1] = answer
+
+
+IDEMPOTENCY = IdempotencyStore(IDEMPOTENCY_TTL_S, IDEMPOTENCY_KEYS_MAX)
+
+
+def publish(event):
+    """Put an event on the queue for the fulfilment worker, stamped with its time and request id."""
+    EVENTS.put({**event, "published": time.monotonic(), "request_id": getattr(CONTEXT, "request_id", None)})
+
+
+def fulfilment_worker():
+    """Ship placed orders one at a time; a shipment that fails is redelivered with backoff until it ships."""
+    while True:
+        event = EVENTS.get()
+        CONTEXT.request_id, CONTEXT.deadline = event["request_id"], None  # acknowledged: no client waits now
+        for attempt in itertools.count():
+            try:
+                fulfil(event)
+                break
+            except DependencyError as exc:  # the same Idempotency-Key every time: shipped at most once
+                if not exc.retryable and exc.status != 503:  # 503: the breaker is open, try later
+                    METRICS.add("fulfilment_failed_total")  # refused for good: a person must look (dead letter)
+                    log("shipment refused", order_id=event["order_id"], request_id=event["request_id"],
+                        detail=exc.detail)
+                    break
+                METRICS.add("fulfilment_redeliveries_total")
+                time.sleep(RNG.uniform(0, min(REDELIVERY_CAP_S, REDELIVERY_BASE_S * 2 ** attempt)))
+            except Exception as exc:  # a bug: one bad event must never stop fulfilment
+                METRICS.add("fulfilment_failed_total")
+                log("fulfilment failed", order_id=event["order_id"], request_id=event["request_id"],
+                    detail=repr(exc))
+                break
+
+
+# === HTTP FRONT DOOR ===
+
+
+class OrdersHandler(BaseHTTPRequestHandler):
+    """The orders API: POST /orders, GET /orders/<id>, GET /health."""
+
+    server_version = "orders"
+    disable_nagle_algorithm = True  # headers and body in one packet: no 40 ms Nagle/delayed-ACK stall
+
+    def setup(self):
+        self.started, self.command, self.path = time.monotonic(), None, ""  # known before any answer, even a 400
+        CONTEXT.request_id = self.request_id = os.urandom(8).hex()  # unless the client sends its own
+        CONTEXT.deadline = None  # until do_POST reads the client's budget
+        super().setup()  # then read the request through a deadline: a trickle cannot pin a worker
+        self.rfile = io.BufferedReader(DeadlineReader(self.connection, time.monotonic() + CLIENT_READ_DEADLINE_S))
+
+    def parse_request(self):
+        """http.server's parser, plus the RFC 9112 corners it misses; a refusal is a JSON 400."""
+        if self.raw_requestline in (b"\r\n", b"\n"):  # section 2.2: skip an empty line before the request line
+            self.raw_requestline = self.rfile.readline(65537)
+        if len(self.raw_requestline.split()) == 2:  # HTTP/0.9 "GET /path": the stdlib would wait for headers
+            self.requestline, self.command = "", None  # send_error needs them; the stdlib has not set them yet
+            return self.send_error(400, "HTTP/0.9 is not supported: send HTTP/1.0 or HTTP/1.1")
+        if not super().parse_request():
+            return False
+        if self.headers.defects:  # a line with no colon: the stdlib reads it, and all after it, as the body
+            return self.error(400, "malformed header", "each header line is Name: value")
+        try:
+            urlsplit(self.path)  # an absolute-form target with a bad host raises: http://[/health
+        except ValueError:
+            return self.error(400, "bad request", "malformed request target")
+        client_id = self.headers.get("X-Request-Id", "")
+        if 1 <= len(client_id) <= 64 and client_id.isprintable():  # a caller's id joins its logs to ours
+            CONTEXT.request_id = self.request_id = client_id
+        return True
+
+    def do_GET(self):
+        path = urlsplit(self.path).path
+        if path == "/health":
+            return self.reply(200, {"status": "ok"})
+        if path == "/metrics":
+            text_format = {"Content-Type": "text/plain; version=0.0.4; charset=utf-8"}  # Prometheus' text format
+            return self.reply(200, METRICS.render(gauges()), text_format)
+        order_id = path[len("/orders/"):] if path.startswith("/orders/") else None
+        if order_id and order_id in ORDERS:
+            return self.reply(200, ORDERS[order_id])
+        self.do_other()
+
+    def do_POST(self):
+        if urlsplit(self.path).path != "/orders":
+            return self.do_other()
+        body = self.read_body()  # read first: closing on unread bytes sends RST and loses our answer
+        if body is None:
+            return
+        try:
+            fields = parse_order(body)
+        except ValidationError as exc:
+            return self.error(400, "invalid order", str(exc))
+        key = self.headers.get("Idempotency-Key")
+        if key is not None and not 1 <= len(key) <= 255:
+            return self.error(400, "invalid Idempotency-Key", "it must be 1 to 255 characters")
+        budget_ms = self.headers.get("X-Deadline-Ms", str(DEADLINE_DEFAULT_MS))
+        if not (budget_ms.isascii() and budget_ms.isdigit() and len(budget_ms) <= 6 and
+                0 < int(budget_ms) <= DEADLINE_MAX_MS):
+            return self.error(400, "invalid X-Deadline-Ms", f"milliseconds, 1 to {DEADLINE_MAX_MS}")
+        CONTEXT.deadline = CONTEXT.accepted_at + int(budget_ms) / 1000  # from when we accepted it: queueing counts
+        if CONTEXT.deadline - time.monotonic() < PAYMENT_SERVICE_MS / 1000:  # cannot finish in time: do no work
+            return self.error(504, "deadline exceeded", "too little of the request's deadline is left to place it")
+        refusal = admit()  # after validation: bad input hears "400, fix it", never "503, retry"
+        if refusal:
+            METRICS.add("orders_rejected_total", reason=refusal[1].replace(" ", "_"))
+            return self.error(*refusal)
+        if key is None:
+            return self.reply(*self.place(fields))
+        answer = IDEMPOTENCY.begin(key, fields)  # None: a new key, reserved for us
+        if answer is None:
+            try:
+                answer = self.place(fields)
+            finally:  # if place() raised (a bug), a 503 lets the key go: never stuck in flight for good
+                IDEMPOTENCY.finish(key, answer or (503, None, None))
+        self.reply(*answer)
+
+    def place(self, fields):
+        """Place the order and return our answer to it: (status, JSON object, headers)."""
+        try:
+            order = place_order(fields)
+        except DependencyError as exc:
+            retry_after = {"Retry-After": "1"} if exc.status == 503 else {}  # the breaker is open: come back later
+            return exc.status, {"error": "payment failed", "detail": exc.detail}, retry_after
+        answer = {k: order[k] for k in ("order_id", "status", "amount")}
+        return 201, answer, {"Location": f"/orders/{order['order_id']}"}
+
+    def do_other(self):
+        """Unknown path: 404. Known path, wrong method: 405 with Allow."""
+        path = urlsplit(self.path).path
+        allow = {"/orders": "POST", "/health": "GET", "/metrics": "GET"}.get(path)
+        if path.startswith("/orders/") and path.count("/") == 2 and self.command != "GET":
+            allow = "GET"
+        if allow is None:
+            return self.error(404, "not found", f"no such path {path!r}")
+        self.error(405, "method not allowed", f"{path} allows {allow}", {"Allow": allow})
+
+    def __getattr__(self, name):
+        """Any other method (PUT, DELETE, BREW...) is routed to do_other, never a 501."""
+        if name.startswith("do_"):
+            return self.do_other
+        raise AttributeError(name)
+
+    def read_body(self):
+        """Read the request body, or answer 411/400/413 and return None."""
+        lengths = self.headers.get_all("Content-Length")  # two of them are a 400 (RFC 9112 section 6.3)
+        length = None if lengths is None else ", ".join(v.strip(" \t") for v in lengths)  # OWS around is fine
+        if length is None:
+            self.error(411, "length required", "send a Content-Length header")
+        elif not (length.isascii() and length.isdigit()):  # "²".isdigit() is True, int("²") fails; "5, 6" too
+            self.error(400, "bad request", "send one Content-Length: a non-negative integer")
+        elif len(length) > 9 or int(length) > MAX_BODY_BYTES:  # int() refuses 4,300+ digits: never ask it
+            self.error(413, "body too large", f"at most {MAX_BODY_BYTES} bytes")
+        else:
+            body = self.rfile.read(int(length))
+            if len(body) == int(length):
+                return body
+            self.error(400, "bad request", "body shorter than Content-Length")
+        return None
+
+    def error(self, status, error, detail, headers=None):
+        """Send a JSON error: what went wrong, and a detail to act on."""
+        self.reply(status, {"error": error, "detail": detail}, headers)
+
+    def reply(self, status, obj, headers=None):
+        """Send one JSON answer (or text) and close the connection; count it, and log it if it failed."""
+        body = obj.encode() if isinstance(obj, str) else json.dumps(obj).encode()
+        self.close_connection = True
+        path = self.path.split("?")[0]  # RED per route, never per raw path: ids would explode the label values
+        endpoint = "/orders/{id}" if path.startswith("/orders/") else path if path in ("/orders", "/health",
+                                                                                     "/metrics") else "other"
+        seconds, method = time.monotonic() - self.started, self.command if self.command in ("GET", "POST") else "other"
+        METRICS.add("http_requests_total", endpoint=endpoint, method=method, status=f"{status // 100}xx")
+        METRICS.observe("http_request_duration_seconds", seconds, endpoint=endpoint)
+        RECENT.append((self.started, seconds))
+        if status >= 400:
+            log("request failed", request_id=self.request_id, method=method, endpoint=endpoint, status=status,
+                ms=round(seconds * 1000, 1), error=obj.get("error"))
+        try:
+            self.send_response(status)
+            for key, value in {"Content-Type": "application/json", "Content-Length": str(len(body)),
+                               "Connection": "close", "X-Request-Id": self.request_id, **(headers or {})}.items():
+                self.send_header(key, value)
+            self.end_headers()
+            self.wfile.write(b"" if self.command == "HEAD" else body)  # RFC 9110 section 9.3.2: no body
+        except OSError:
+            pass  # the client has gone; nothing left to tell it
+
+    def send_error(self, code, message=None, explain=None):
+        """The standard library's own errors (bad request line, huge headers) as JSON too."""
+        self.request_version = "HTTP/1.0"  # a garbled request line leaves HTTP/0.9: no status line
+        self.error(code, HTTPStatus(code).phrase, message or explain or "")
+
+    def log_message(self, format, *args):
+        pass  # no access log: at hundreds of requests/s it would cost more than the work
+
+
+class DeadlineReader(io.RawIOBase):
+    """A socket's reads, which must all be done by `deadline` (timeout= alone is per read)."""
+
+    def __init__(self, sock, deadline):
+        self.sock, self.deadline = sock, deadline
+
+    def readable(self):
+        return True
+
+    def readinto(self, buffer):
+        self.sock.settimeout(max(0.001, self.deadline - time.monotonic()))
+        return self.sock.recv_into(buffer)
+
+
+class OrdersServer(HTTPServer):
+    """A fixed pool of ORDER_WORKERS threads behind a bounded queue of accepted connections."""
+
+    request_queue_size = 1024  # the default 5 drops SYNs under a burst: a dropped SYN is resent after 1 s
+    overloaded = json.dumps({"error": "overloaded", "detail": "all workers busy, retry later"}).encode()
+
+    def __init__(self, address, handler):
+        super().__init__(address, handler)
+        self.accepted = queue.Queue(ACCEPT_QUEUE_MAX)
+        for _ in range(ORDER_WORKERS):
+            threading.Thread(target=self.work, daemon=True).start()
+
+    def process_request(self, request, client_address):
+        """serve_forever calls this for every new connection: queue it, or shed it if full."""
+        try:
+            self.accepted.put_nowait((request, client_address, time.monotonic()))
+            METRICS.add("queue_depth", 1, queue="accept")
+        except queue.Full:
+            self.shed(request)
+
+    def work(self):
+        """One pool thread: serve queued connections one after another, forever."""
+        while True:
+            request, client_address, CONTEXT.accepted_at = self.accepted.get()  # a request's deadline counts from here
+            METRICS.add("queue_depth", -1, queue="accept")
+            METRICS.add("orders_workers_busy", 1)
+            try:
+                self.finish_request(request, client_address)
+            except Exception:
+                self.handle_error(request, client_address)
+            finally:
+                self.shutdown_request(request)
+                METRICS.add("orders_workers_busy", -1)
+
+    def shed(self, request):
+        """Answer 503 from the accepting thread, in microseconds, without taking a worker."""
+        METRICS.add("orders_rejected_total", reason="workers_busy")
+        log("request shed", reason="all workers busy")
+        request.setblocking(False)
+        try:
+            request.recv(MAX_BODY_BYTES)  # drain what has arrived: closing on unread bytes sends RST
+        except OSError:
+            pass
+        try:
+            request.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+                            b"Retry-After: 1\r\nConnection: close\r\nContent-Length: %d\r\n\r\n%s"
+                            % (len(self.overloaded), self.overloaded))
+        except OSError:
+            pass
+        self.shutdown_request(request)
+
+    def handle_error(self, request, client_address):
+        print(f"error serving {client_address}: {sys.exc_info()[1]!r}", file=sys.stderr)
+
+
+# === WORLD: SIMULATED DEPENDENCIES (identical in every version) ===
+# Payment and shipping are one asyncio simulator: `workers` slots of `service_ms` each behind
+# an unbounded FIFO, like a naive real dependency. It finishes work whose caller has gone.
+CHAOS_KNOBS = {"latency_factor": (1, 100), "error_rate": (0, 1), "ambiguous_rate": (0, 1), "hang_rate": (0, 1),
+               "blackhole": (0, 1), "down": (0, 1)}  # knob -> its range; blackhole and down are 0/1 switches
+REQUEST_READ_S = 1.0  # our callers send a request in one write: a trickle or a short body is cut off
+
+
+class BadRequest(Exception):
+    """A request we refuse: args are (status, detail), and the detail is ours, never Python's."""
+
+
+class Dependency:
+    """A simulated dependency with finite capacity, chaos control and ground truth."""
+
+    def __init__(self, name, workers, service_ms, seed):
+        self.name, self.workers, self.service_s = name, workers, service_ms / 1000
+        self.rng, self.chaos, self.stats = random.Random(seed), {}, collections.Counter()
+        self.commits = collections.Counter()  # ref -> times committed: duplicates show here
+        self.calls = collections.Counter()  # ref -> calls received, cheap refusals (409, replay) included
+        self.worked = collections.Counter()  # ref -> calls that took a worker slot: the real work done
+        self.answers = {}  # Idempotency-Key -> [request body, answer (None while in flight)]
+
+    async def handle(self, reader, writer):
+        """Serve one connection: one request, one answer, close."""
+        try:
+            method, path, query, headers, body = await asyncio.wait_for(read_request(reader), REQUEST_READ_S)
+            if (method, path) == ("POST", "/chaos"):
+                await respond(writer, 200, self.set_chaos(json.loads(body or b"{}", parse_constant=int)))
+            elif (method, path) == ("GET", "/chaos"):
+                await respond(writer, 200, self.chaos)
+            elif (method, path) == ("GET", "/stats"):
+                await respond(writer, 200, self.snapshot(with_refs="refs=1" in query))
+            elif (method, path) == ("POST", {"payment": "/charge", "shipping": "/ship"}[self.name]):
+                await self.serve(reader, writer, headers, json.loads(body, parse_constant=int))  # int("NaN") fails
+            else:
+                await respond(writer, 404, {"error": "not found", "detail": f"{method} {path}"})
+        except BadRequest as exc:
+            status, detail = exc.args
+            await respond(writer, status, {"error": HTTPStatus(status).phrase.lower(), "detail": detail})
+        except (ValueError, RecursionError):  # from json.loads: NaN and Infinity are not JSON; "[[[[..." too deep
+            await respond(writer, 400, {"error": "bad request", "detail": "body is not valid JSON"})
+        except asyncio.LimitOverrunError:  # the head, or one line of it, over 64 KiB
+            await respond(writer, 431, {"error": "request header fields too large", "detail": "over 64 KiB"})
+        except asyncio.IncompleteReadError:  # EOF inside the head or the body (a half-close still hears why)
+            await respond(writer, 400, {"error": "bad request", "detail": "the request ended early"})
+        except asyncio.TimeoutError:  # before OSError: TimeoutError is one from Python 3.11 on
+            await respond(writer, 408, {"error": "request timeout", "detail": f"send it in {REQUEST_READ_S} s"})
+        except OSError:
+            pass  # the caller went away mid-request
+        except Exception as exc:  # a bug costs one connection, never the simulator, and prints no traceback
+            print(f"{self.name}: cannot serve a request: {exc!r}", file=sys.stderr)
+        finally:
+            writer.close()
+
+    def set_chaos(self, chaos):
+        """Replace the chaos settings ({} heals); refuse unknown knobs and values out of range."""
+        if not isinstance(chaos, dict):
+            raise BadRequest(400, "chaos is a JSON object")
+        for knob, value in chaos.items():  # a latency_factor of 1e308 would wedge every worker for good
+            low, high = CHAOS_KNOBS.get(knob, (1, 0))  # an unknown knob: an empty range
+            if not (value in (0, 1) if knob in ("blackhole", "down") else
+                    type(value) in (int, float) and low <= value <= high):  # NaN is in no range
+                raise BadRequest(400, "chaos knobs: latency_factor 1 to 100; error_rate, ambiguous_rate, "
+                                 "hang_rate 0 to 1; blackhole, down true or false")
+        self.chaos = {knob: value for knob, value in chaos.items() if value}
+        return self.chaos
+
+    async def serve(self, reader, writer, headers, payload):
+        """One call: check it, then chaos, then Idempotency-Key, then the FIFO and a worker slot."""
+        fields = {"order_id": str, "ref": str, **({"amount": int} if self.name == "payment" else {})}
+        if not isinstance(payload, dict) or any(type(payload.get(k)) is not t for k, t in fields.items()):
+            raise BadRequest(400, "a JSON object of " + ", ".join(f"{k} ({t.__name__})" for k, t in fields.items()))
+        budget_ms = headers.get("x-deadline-ms")  # relative, like gRPC's grpc-timeout
+        if budget_ms is not None and not (budget_ms.isascii() and budget_ms.replace(".", "", 1).isdigit()
+                                          and 0 < float(budget_ms) < float("inf")):  # 400 digits: inf
+            raise BadRequest(400, "X-Deadline-Ms is a positive number of milliseconds")
+        self.stats["calls"] += 1  # only now: a refused call must never reserve its Idempotency-Key
+        self.calls[str(payload["ref"])] += 1
+        key, chaos = headers.get("idempotency-key"), self.chaos
+        if chaos.get("down"):
+            return writer.transport.abort()  # reset at once, as fast as a refused connect
+        if chaos.get("blackhole") or self.rng.random() < chaos.get("hang_rate", 0):
+            return await self.hold_open(reader)
+        if key in self.answers:  # as real payment APIs do: replay, 409 in flight, 422 misuse
+            first, answer = self.answers[key]
+            status = 422 if first != payload else 409 if answer is None else 200
+            if status == 200:
+                self.stats["replayed"] += 1
+            return await respond(writer, status, answer or {"error": HTTPStatus(status).phrase})
+        if key:
+            self.answers[key] = [payload, None]
+        job = {"ref": str(payload["ref"]), "key": key, "gone": False, "eof": False, "committed": False,
+               "deadline": time.monotonic() + float(budget_ms) / 1000 if budget_ms else None,
+               "done": asyncio.get_running_loop().create_future()}
+        watcher = asyncio.ensure_future(self.watch_caller(reader, job))
+        self.queue.put_nowait(job)
+        self.stats["queue_peak"] = max(self.stats["queue_peak"], self.queue.qsize())
+        status, answer = await job["done"]
+        watcher.cancel()
+        if status is None or job["gone"]:
+            writer.transport.abort()  # ambiguous: committed, and then the answer is lost (or nobody is there)
+        else:
+            await respond(writer, status, answer)
+            if job["eof"]:  # a half-close or a hang-up: only our answer tells them apart (see watch_caller)
+                await asyncio.sleep(0.05)  # time for the reset to come back; on loopback it is there at once
+                sock = writer.get_extra_info("socket")  # closed by the transport if the write failed
+                job["gone"] = writer.is_closing() or bool(sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR))
+        if job["gone"] and job["committed"]:
+            self.stats["zombie"] += 1  # work finished for a caller that had gone
+
+    async def watch_caller(self, reader, job):
+        """Notice a caller that resets while its call waits; bytes after the request are ignored."""
+        # EOF is no hang-up: a caller that half-closes (SHUT_WR) still waits, and TCP shows that just like a
+        # close. So the call goes on and is answered; a caller that had closed resets at our answer (serve).
+        try:
+            while await reader.read(1024):
+                pass
+            job["eof"] = True
+        except OSError:  # ConnectionResetError
+            job["gone"] = True
+
+    async def hold_open(self, reader):
+        """Hang: never answer; hold the connection until the caller closes it."""
+        self.stats["hung"] += 1
+        self.stats["held_open"] += 1
+        try:  # until EOF: with no answer to write, a close and a half-close look alike, and both release it
+            while await reader.read(1024):
+                pass
+        finally:
+            self.stats["held_open"] -= 1
+
+    async def work(self):
+        """One worker slot: take calls in FIFO order, spend the service time, commit."""
+        while True:
+            job = await self.queue.get()
+            try:
+                if job["deadline"] and time.monotonic() > job["deadline"]:
+                    self.stats["expired_dropped"] += 1  # nobody can use the answer: skip the work
+                    self.answers.pop(job["key"], None)
+                    job["done"].set_result((504, {"error": "deadline exceeded"}))
+                    continue
+                self.stats["in_flight"] += 1
+                self.stats["worked"] += 1
+                self.worked[job["ref"]] += 1
+                await asyncio.sleep(self.service_s * self.chaos.get("latency_factor", 1))
+                self.stats["in_flight"] -= 1
+                roll, error_rate = self.rng.random(), self.chaos.get("error_rate", 0)
+                if roll < error_rate:
+                    self.stats["failed"] += 1
+                    self.answers.pop(job["key"], None)
+                    job["done"].set_result((500, {"error": "injected failure, nothing committed"}))
+                    continue
+                self.commits[job["ref"]] += 1
+                self.stats["commits"] += 1
+                job["committed"] = True  # zombie work if serve() finds its caller gone
+                answer = {"ref": job["ref"], "status": "committed"}
+                if job["key"]:
+                    self.answers[job["key"]][1] = answer
+                if roll < error_rate + self.chaos.get("ambiguous_rate", 0):
+                    self.stats["ambiguous"] += 1
+                    answer = self.rng.choice([(500, {"error": "failed after commit"}), (None, None)])
+                    job["done"].set_result(answer)
+                else:
+                    job["done"].set_result((200, answer))
+            except Exception as exc:  # a worker task that raises dies silently, and a slot of capacity with it
+                print(f"{self.name}: a call failed in a worker: {exc!r}", file=sys.stderr)
+                if not job["done"].done():
+                    job["done"].set_result((500, {"error": "internal error"}))
+
+    def snapshot(self, with_refs):
+        """Ground truth: what really happened here, whatever the callers believe."""
+        snap = {"name": self.name, "capacity_rps": self.workers / self.service_s, "chaos": self.chaos,
+                "queue_depth": self.queue.qsize(), "unique_refs": len(self.commits),
+                "duplicates": sum(1 for n in self.commits.values() if n > 1)}
+        for key in ("calls", "worked", "commits", "replayed", "failed", "ambiguous", "hung", "held_open",
+                    "in_flight", "queue_peak", "zombie", "expired_dropped"):
+            snap[key] = self.stats[key]
+        if with_refs:  # per ref: commits, calls (cheap ones too) and calls that took a worker slot
+            snap.update(refs=dict(self.commits), calls_by_ref=dict(self.calls), work_by_ref=dict(self.worked))
+        return snap
+
+    async def run(self, host, port):
+        """Listen and serve until our parent process is gone (so no orphan outlives it)."""
+        self.queue = asyncio.Queue()  # unbounded: a naive dependency never says no
+        workers = [asyncio.ensure_future(self.work()) for _ in range(self.workers)]
+        server = await asyncio.start_server(self.handle, host, port, backlog=4096)
+        announce({self.name: f"http://{host}:{server.sockets[0].getsockname()[1]}"})
+        parent = os.getppid()
+        async with server:
+            while os.getppid() == parent:
+                await asyncio.sleep(0.5)
+        for worker in workers:
+            worker.cancel()
+
+
+async def read_request(reader):
+    """Read one HTTP/1.x request: (method, path, query, lower-case headers, body), or raise BadRequest."""
+    lines, size = [], 0
+    while not lines or lines[-1]:  # up to the empty line; a bare LF ends a line too (RFC 9112 section 2.2)
+        line = (await reader.readuntil(b"\n")).decode("latin-1")  # a line over 64 KiB: LimitOverrunError
+        size += len(line)
+        if size > MAX_BODY_BYTES:
+            raise asyncio.LimitOverrunError("request head over 64 KiB", size)
+        if lines or line.strip("\r\n"):  # an empty line before the request line is skipped (ibid.)
+            lines.append(line.rstrip("\r\n"))
+    words, headers = lines[0].split(" "), {}
+    if len(words) != 3:
+        raise BadRequest(400, "the request line is: METHOD TARGET HTTP/1.1")
+    for name, colon, value in (line.partition(":") for line in lines[1:-1]):
+        if not colon or name != name.strip():  # RFC 9112 section 5.1: no whitespace before the colon
+            raise BadRequest(400, "malformed header line")
+        if name.lower() == "content-length" and name.lower() in headers:  # which one frames the body?
+            raise BadRequest(400, "more than one Content-Length")
+        headers[name.lower()] = value.strip()
+    length = headers.get("content-length", "0")
+    if "transfer-encoding" in headers or not (length.isascii() and length.isdigit()):
+        raise BadRequest(400, "frame the body with a Content-Length: a non-negative integer")
+    if len(length) > 9 or int(length) > MAX_BODY_BYTES:  # int() refuses 4,300+ digits: never ask it
+        raise BadRequest(413, f"a body of at most {MAX_BODY_BYTES} bytes")
+    path, _, query = words[1].partition("?")
+    return words[0], path, query, headers, await reader.readexactly(int(length))
+
+
+async def respond(writer, status, obj):
+    """Write one JSON answer in a single write (no Nagle stall); a caller that has gone is no error."""
+    body = json.dumps(obj).encode()
+    writer.write(f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\nContent-Type: application/json\r\n"
+                 f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode() + body)
+    try:
+        await writer.drain()
+    except OSError:
+        pass  # reset by the caller: nobody is left to tell
+
+
+# === MAIN ===
+
+
+RECENT = collections.deque(maxlen=20_000)  # (started, seconds) of the latest answers, for the status line
+
+
+def status_line():
+    """Once a second, one line to watch trouble build: rate, p99, busy workers, queues, breakers."""
+    while True:
+        time.sleep(1)
+        last = sorted(s for t, s in list(RECENT) if t >= time.monotonic() - 1) or [0]
+        now = gauges()
+        sys.stdout.write(f"\r\033[K{len(last)} req/s · p99 {last[int(len(last) * 0.99)] * 1000:.0f} ms · "
+                         f"busy {METRICS.values['orders_workers_busy', ()]}/{ORDER_WORKERS} · "
+                         f"to ship {now['queue_depth', (('queue', 'fulfilment'),)]} "
+                         f"(oldest {now['fulfilment_oldest_event_age_seconds', ()]:.1f} s)"
+                         + "".join(f" · {name} {breaker.state}" for name, breaker in BREAKERS.items()))
+        sys.stdout.flush()
+
+
+def announce(urls):
+    """Print the machine-readable READY line and a short banner for humans, in one write."""
+    banner = ""  # one write: a reader that closes the pipe after READY must not kill us
+    if "orders" in urls:
+        banner = (f"\n{__doc__.splitlines()[0]}\n"
+                  f"  orders    {urls['orders']}   POST /orders, GET /orders/<id>, GET /health\n"
+                  f"  payment   {urls['payment']}   chaos: POST /chaos, ground truth: GET /stats\n"
+                  f"  shipping  {urls['shipping']}   (the same)\nTry:\n"
+                  f"  curl -si {urls['orders']}/orders -d '{{\"item\": \"book\", \"qty\": 1, \"customer\": \"ada\"}}'\n"
+                  f"  curl -s {urls['payment']}/chaos -d '{{\"latency_factor\": 5}}'   # brownout; '{{}}' heals\n"
+                  "Ctrl-C stops all three processes.")
+    print("READY " + json.dumps(urls) + banner, flush=True)
+
+
+def start_child(role, host, port, seed):
+    """Start payment or shipping as a child process; return it and the URL from its READY line."""
+    proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--role", role, "--host", host,
+                             "--port", str(port), "--seed", str(seed)], stdout=subprocess.PIPE, text=True)
+    lines = queue.Queue()
+
+    def read_lines():  # keep reading for the child's whole life: a full pipe would block it
+        for line in proc.stdout:
+            lines.put(line)
+    threading.Thread(target=read_lines, daemon=True).start()
+    try:
+        return proc, json.loads(lines.get(timeout=15).split(" ", 1)[1])[role]
+    except (queue.Empty, IndexError, ValueError, KeyError):
+        proc.kill()
+        raise SystemExit(f"{role} did not start (exit code {proc.poll()})") from None
+
+
+def port_number(text):
+    """--port: 0 (free ports for all), or a port that leaves room for payment and shipping on the next two."""
+    if not (text.isascii() and text.isdigit() and len(text) <= 5 and int(text) <= 65533):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port from 0 to 65533")
+    return int(text)
+
+
+def http_url(text):
+    """--payment-url, --shipping-url: checked now, or every order would fail later."""
+    try:
+        parts = urlsplit(text)
+        if parts.scheme == "http" and parts.hostname and parts.port:
+            return text.rstrip("/")
+    except ValueError:  # a port out of range
+        pass
+    raise argparse.ArgumentTypeError(f"{text!r} is not an http://host:port URL")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog="Ctrl-C stops all it started.")
+    parser.add_argument("--host", default=HOST, help="address to bind (default %(default)s: loopback only)")
+    parser.add_argument("--port", type=port_number, help=f"orders port (default {ORDERS_PORT}; payment and shipping "
+                        "take the next two); 0 picks free ports for all")
+    parser.add_argument("--role", choices=["orders", "payment", "shipping"], help="run only this piece")
+    parser.add_argument("--payment-url", type=http_url, help="use this payment instead of starting one")
+    parser.add_argument("--shipping-url", type=http_url, help="use this shipping instead of starting one")
+    parser.add_argument("--seed", type=int, default=SEED, help="seed of the simulators' chaos (default %(default)s)")
+    args = parser.parse_args(argv)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM stops us like Ctrl-C
+    try:  # a pile-up holds thousands of sockets: lift the soft fd limit where the OS lets us
+        import resource
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 10240)), hard))
+    except (ImportError, ValueError, OSError):
+        pass
+    port = ORDERS_PORT if args.port is None else args.port
+    urls, children = {"payment": args.payment_url, "shipping": args.shipping_url}, []
+    try:
+        if args.role in ("payment", "shipping"):
+            workers, service_ms = {"payment": (PAYMENT_WORKERS, PAYMENT_SERVICE_MS),
+                                   "shipping": (SHIPPING_WORKERS, SHIPPING_SERVICE_MS)}[args.role]
+            port += {"payment": 1, "shipping": 2}[args.role] if args.port is None else 0
+            return asyncio.run(Dependency(args.role, workers, service_ms, args.seed).run(args.host, port))
+        for offset, role in ((1, "payment"), (2, "shipping")):
+            if urls[role] is None and args.role == "orders":
+                urls[role] = f"http://{args.host}:{port + offset}"
+            elif urls[role] is None:
+                child_port = 0 if port == 0 else port + offset  # 0: let the OS pick a free port
+                child, urls[role] = start_child(role, args.host, child_port, args.seed + offset)
+                children.append(child)
+        DEPENDENCY_URLS.update(urls)
+        with OrdersServer((args.host, port), OrdersHandler) as server:
+            threading.Thread(target=fulfilment_worker, daemon=True).start()
+            announce({"orders": f"http://{args.host}:{server.server_address[1]}", **urls})
+            if sys.stdout.isatty():  # a live status for a learner at a terminal; never into a pipe or a file
+                threading.Thread(target=status_line, daemon=True).start()
+            server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    except OSError as exc:
+        raise SystemExit(f"cannot serve: {exc}") from None
+    finally:
+        for child in children:
+            child.terminate()
+        for child in children:
+            try:
+                child.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                child.kill()
+
+
+if __name__ == "__main__":
+    main()
