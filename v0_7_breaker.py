@@ -398,6 +398,9 @@ class OrdersHandler(BaseHTTPRequestHandler):
             return self.reply(200, ORDERS[order_id])
         self.do_other()
 
+    def do_HEAD(self):
+        self.do_GET()  # GET's answer without its body (RFC 9110 section 9.3.2): reply() leaves it out
+
     def do_POST(self):
         if urlsplit(self.path).path != "/orders":
             return self.do_other()
@@ -868,6 +871,8 @@ def main(argv=None):
             workers, service_ms = {"payment": (PAYMENT_WORKERS, PAYMENT_SERVICE_MS),
                                    "shipping": (SHIPPING_WORKERS, SHIPPING_SERVICE_MS)}[args.role]
             port += {"payment": 1, "shipping": 2}[args.role] if args.port is None else 0
+            for sig in (signal.SIGINT, signal.SIGTERM):  # a simulator has nothing to save: stop at once, quietly
+                signal.signal(sig, lambda *_: os._exit(0))
             return asyncio.run(Dependency(args.role, workers, service_ms, args.seed).run(args.host, port))
         for offset, role in ((1, "payment"), (2, "shipping")):
             if urls[role] is None and args.role == "orders":

@@ -274,6 +274,12 @@ def test_health(service):
     assert status == 200, body
 
 
+def test_head_is_get_without_a_body(service):
+    """RFC 9110 section 9.3.2: HEAD wherever GET works, the same status and headers, no body."""
+    status, headers, body = request(service.urls["orders"] + "/health", "HEAD")
+    assert status == 200 and body == b"" and int(headers["Content-Length"]) > 0
+
+
 def test_unknown_order_is_404_json(service):
     got = request(service.urls["orders"] + "/orders/unknown")
     assert error_problems("GET /orders/unknown", got, (404,)) == []
