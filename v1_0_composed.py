@@ -142,11 +142,20 @@ EVENTS = queue.Queue(EVENTS_MAX + ORDER_WORKERS)  # bounded: a slow consumer pus
 # admit() refuses at EVENTS_MAX; the orders already past it (one per worker at most) always find room, so
 # publish() never blocks a worker on a full queue after the charge.
 CONTEXT = threading.local()  # the id of the request this thread serves; it travels on as X-Request-Id
+LOG_LINES = queue.Queue(10_000)  # log_writer empties it: a stderr that nobody reads must never stop a worker
 
 
 def log(event, **fields):
-    """One JSON object per line on stderr, in one write (threads never interleave): easy to grep and to parse."""
-    sys.stderr.write(json.dumps({"ts": round(time.time(), 3), "event": event, **fields}) + "\n")
+    """One JSON object per line on stderr, easy to grep and to parse; dropped if the writer is 10,000 behind."""
+    try:
+        LOG_LINES.put_nowait(json.dumps({"ts": round(time.time(), 3), "event": event, **fields}))
+    except queue.Full:
+        pass  # better a lost log line than a service stopped to write it
+
+
+def log_writer():  # the one thread that writes to stderr; on a terminal, over the status line, not after it
+    while True:
+        sys.stderr.write(("\r\033[K" if sys.stderr.isatty() else "") + LOG_LINES.get() + "\n")
 
 
 class Metrics:
@@ -184,7 +193,7 @@ class Metrics:
 METRICS = Metrics({  # RED per endpoint, then USE of the pool and the queues, then each dependency
     "http_requests_total": ("counter", "Requests answered, by endpoint, method and status class."),
     "http_request_duration_seconds": ("histogram", "From a worker taking the request to our answer."),
-    "orders_rejected_total": ("counter", "Orders refused before any work, by reason."),
+    "orders_rejected_total": ("counter", "Requests refused before any work, by reason."),
     "orders_workers_busy": ("gauge", f"Order workers serving a request, of {ORDER_WORKERS}."),
     "queue_depth": ("gauge", f"Waiting: connections for a worker (at most {ACCEPT_QUEUE_MAX}), orders to ship "
                     f"(at most {EVENTS_MAX})."),
@@ -272,8 +281,10 @@ def http_post(url, payload, headers, connect_timeout_s, timeout_s):
 class RetryBudget:
     """gRPC retry throttling: failures drain tokens, successes refill them; retry only above half."""
 
-    def __init__(self, max_tokens, token_ratio, name=""):
-        self.max_tokens, self.token_ratio, self.tokens, self.name = max_tokens, token_ratio, max_tokens, name
+    name = ""  # the dependency, for the logs (set below)
+
+    def __init__(self, max_tokens, token_ratio):
+        self.max_tokens, self.token_ratio, self.tokens = max_tokens, token_ratio, max_tokens
         self.lock = threading.Lock()
 
     def record(self, success):
@@ -290,10 +301,12 @@ class RetryBudget:
 class CircuitBreaker:
     """Closed: count outcomes; open: refuse at once; half-open: a few probes decide (resilience4j)."""
 
-    def __init__(self, window_calls, min_calls, failure_rate, slow_call_s, open_s, probes, name=""):
+    name = ""  # the dependency, for the logs (set below)
+
+    def __init__(self, window_calls, min_calls, failure_rate, slow_call_s, open_s, probes):
         self.outcomes = collections.deque(maxlen=window_calls)  # True: failed or slow
         self.min_calls, self.failure_rate, self.slow_call_s = min_calls, failure_rate, slow_call_s
-        self.open_s, self.probes, self.clock, self.name = open_s, probes, time.monotonic, name
+        self.open_s, self.probes, self.clock = open_s, probes, time.monotonic
         self.state, self.since, self.probes_ok, self.started = "closed", 0.0, 0, {}  # started: ticket -> time
         self.lock = threading.Lock()
 
@@ -344,8 +357,10 @@ class CircuitBreaker:
 
 
 BREAKERS = {name: CircuitBreaker(BREAKER_WINDOW_CALLS, BREAKER_MIN_CALLS, BREAKER_FAILURE_RATE, BREAKER_SLOW_CALL_S,
-                                 BREAKER_OPEN_S, BREAKER_PROBES, name) for name in ("payment", "shipping")}
-RETRY_BUDGETS = {name: RetryBudget(RETRY_TOKENS_MAX, RETRY_TOKEN_RATIO, name) for name in ("payment", "shipping")}
+                                 BREAKER_OPEN_S, BREAKER_PROBES) for name in ("payment", "shipping")}
+RETRY_BUDGETS = {name: RetryBudget(RETRY_TOKENS_MAX, RETRY_TOKEN_RATIO) for name in ("payment", "shipping")}
+for name in ("payment", "shipping"):
+    BREAKERS[name].name = RETRY_BUDGETS[name].name = name
 RNG = random.Random(SEED)  # backoff jitter
 
 
@@ -671,6 +686,7 @@ class OrdersServer(HTTPServer):
     def shed(self, request):
         """Answer 503 from the accepting thread, in microseconds, without taking a worker."""
         METRICS.add("orders_rejected_total", reason="workers_busy")
+        METRICS.add("http_requests_total", endpoint="unread", method="unread", status="5xx")  # refused unread
         log("request shed", reason="all workers busy")
         request.setblocking(False)
         try:
@@ -934,9 +950,9 @@ def status_line():
     """Once a second, one line to watch trouble build: rate, p99, busy workers, queues, breakers."""
     while True:
         time.sleep(1)
-        last = sorted(s for t, s in list(RECENT) if t >= time.monotonic() - 1) or [0]
-        now = gauges()
-        sys.stdout.write(f"\r\033[K{len(last)} req/s · p99 {last[int(len(last) * 0.99)] * 1000:.0f} ms · "
+        last = sorted(s for t, s in list(RECENT) if t >= time.monotonic() - 1)
+        now, p99_ms = gauges(), last[int(len(last) * 0.99)] * 1000 if last else 0
+        sys.stdout.write(f"\r\033[K{len(last)} req/s · p99 {p99_ms:.0f} ms · "
                          f"busy {METRICS.values['orders_workers_busy', ()]}/{ORDER_WORKERS} · "
                          f"to ship {now['queue_depth', (('queue', 'fulfilment'),)]} "
                          f"(oldest {now['fulfilment_oldest_event_age_seconds', ()]:.1f} s)"
@@ -1030,6 +1046,7 @@ def main(argv=None):
         DEPENDENCY_URLS.update(urls)
         with OrdersServer((args.host, port), OrdersHandler) as server:
             threading.Thread(target=fulfilment_worker, daemon=True).start()
+            threading.Thread(target=log_writer, daemon=True).start()
             announce({"orders": f"http://{args.host}:{server.server_address[1]}", **urls})
             if sys.stdout.isatty():  # a live status for a learner at a terminal; never into a pipe or a file
                 threading.Thread(target=status_line, daemon=True).start()

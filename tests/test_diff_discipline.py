@@ -78,13 +78,14 @@ def test_line_budget():
     MAIN are identical or nearly so and fold away in a diff. v0.1 ~250 lines, v0.7 ~500; v0.8 and v1.0 carry
     observability's ~100 lines on top (measured: see test_neighbour_diffs_are_small).
 
-    Both bounds carry the ~20 lines every version's front door spends on RFC 9112's corners (parse_request,
-    one Content-Length, a bodiless HEAD): shared plumbing, the same in every file, not a lesson."""
+    Both bounds carry the ~30 lines every version spends on shared plumbing (RFC 9112's corners in parse_request,
+    one Content-Length, HEAD, the queue's room for orders past admit()): the same in every file, not a lesson."""
     evolving = {version_id(p): sum(sections(p)[t].count("\n") for t in EVOLVING) for p in VERSIONS}
     print("\nlines in the evolving sections:", evolving)
-    assert evolving.get("v0_1", 0) <= 250 + 20, evolving
-    assert max(n for v, n in evolving.items() if v < "v0_8") <= 500 + 20, evolving
-    assert max(evolving.values()) <= 500 + 20 + 200, evolving  # v0.8's instrumentation (see the diff test), v1.0
+    shared = 30  # the plumbing every version carries the same: RFC 9112's corners, HEAD, the queue's headroom
+    assert evolving.get("v0_1", 0) <= 250 + shared, evolving
+    assert max(n for v, n in evolving.items() if v < "v0_8") <= 500 + shared, evolving
+    assert max(evolving.values()) <= 500 + shared + 200, evolving  # v0.8's instrumentation (see the diff test)
     for path in VERSIONS:
         assert open(path, encoding="utf-8").read().count("\n") <= 1150, path  # the world is ~230 lines since hardening
 
