@@ -500,33 +500,42 @@ def test_make_plan_mixes_gets_for_payment_down():
 
 
 def test_judge_passes_with_ok_reasons():
-    verdict, reasons = loadtest.judge(loadtest.SCENARIOS["steady"], {"error_pct": 0.0, "p99_ms": 80.0}, None)
+    verdict, reasons = loadtest.judge(loadtest.SCENARIOS["steady"], {"error_pct": 0.0, "p99_ms": 80.0})
     assert verdict == "pass"
     assert len(reasons) == 2 and all(r.endswith("(ok)") for r in reasons)
     assert any("p99_ms" in r and "80" in r for r in reasons)
 
 
 def test_judge_fails_saying_which_bound():
-    verdict, reasons = loadtest.judge(loadtest.SCENARIOS["steady"], {"error_pct": 0.0, "p99_ms": 300.0}, None)
+    verdict, reasons = loadtest.judge(loadtest.SCENARIOS["steady"], {"error_pct": 0.0, "p99_ms": 300.0})
     assert verdict == "fail"
     assert any("p99_ms = 300" in r and "needs <= 250" in r for r in reasons), reasons
     verdict, reasons = loadtest.judge(loadtest.SCENARIOS["hang-payment"],
-                                      {"goodput_pct": 80.0, "p99_ms": 100.0, "held_open_after": 0}, None)
+                                      {"goodput_pct": 80.0, "p99_ms": 100.0, "held_open_after": 0})
     assert verdict == "fail" and any("goodput_pct = 80" in r and ">= 95" in r for r in reasons), reasons
 
 
+def test_an_overloaded_instrument_gives_no_verdict():
+    """Past UNTRUSTED_LAG_MS of its own schedule lag, a pass or a fail becomes 'untrusted', saying why."""
+    for verdict in ("pass", "fail"):
+        assert loadtest.distrust(verdict, ["x"], 2.2) == (verdict, ["x"])
+        got, reasons = loadtest.distrust(verdict, ["x"], 160.0)
+        assert got == "untrusted" and "160 ms behind" in reasons[0] and reasons[1:] == ["x"]
+    assert loadtest.distrust("pass", [], None) == ("pass", [])
+
+
 def test_judge_missing_figure_fails_with_a_reason():
-    verdict, reasons = loadtest.judge(loadtest.SCENARIOS["steady"], {"error_pct": 0.0, "p99_ms": None}, None)
+    verdict, reasons = loadtest.judge(loadtest.SCENARIOS["steady"], {"error_pct": 0.0, "p99_ms": None})
     assert verdict == "fail"
     assert any(r.startswith("p99_ms:") and "not measurable" in r and "<= 250" in r for r in reasons), reasons
-    verdict, reasons = loadtest.judge(loadtest.SCENARIOS["retry-storm"], {"fault_amplification": 1.0}, None)
+    verdict, reasons = loadtest.judge(loadtest.SCENARIOS["retry-storm"], {"fault_amplification": 1.0})
     assert verdict == "fail"
     assert any("recovery_s" in r and "never recovered" in r for r in reasons), reasons
 
 
 def test_judge_nothing_shed_is_not_a_failure():
     figures = {"timeouts": 0, "p99_ms": 200.0, "shed_p99_ms": None, "fault_goodput_x": 0.9}
-    verdict, reasons = loadtest.judge(loadtest.SCENARIOS["spike"], figures, None)
+    verdict, reasons = loadtest.judge(loadtest.SCENARIOS["spike"], figures)
     assert verdict == "pass", reasons
     assert any("shed_p99_ms" in r and "nothing shed" in r for r in reasons), reasons
 
