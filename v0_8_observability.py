@@ -951,6 +951,13 @@ def announce(urls):
     print("READY " + json.dumps(urls) + banner, flush=True)
 
 
+def exit_with_parent(parent):
+    """Stop, like Ctrl-C, once whoever started us is gone: a `kill -9` of loadtest.py must not orphan us."""
+    while os.getppid() == parent:
+        time.sleep(0.5)
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
 def start_child(role, host, port, seed):
     """Start payment or shipping as a child process; return it and the URL from its READY line."""
     proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--role", role, "--host", host,
@@ -1025,6 +1032,7 @@ def main(argv=None):
             threading.Thread(target=fulfilment_worker, daemon=True).start()
             threading.Thread(target=log_writer, daemon=True).start()
             announce({"orders": f"http://{args.host}:{server.server_address[1]}", **urls})
+            threading.Thread(target=exit_with_parent, args=(os.getppid(),), daemon=True).start()
             if sys.stdout.isatty():  # a live status for a learner at a terminal; never into a pipe or a file
                 threading.Thread(target=status_line, daemon=True).start()
             server.serve_forever()

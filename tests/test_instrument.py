@@ -740,6 +740,27 @@ def test_interrupt_stops_everything(sig, when):
             lt.communicate()
 
 
+@pytest.mark.skipif(not HAS_PROC, reason="needs /proc to find the version's process")
+def test_kill_9_of_loadtest_orphans_nothing():
+    """SIGKILL cannot be caught: the version notices its parent is gone and stops itself and its children."""
+    lt = start_loadtest("--target", "v0_1", "--scenario", "steady", "--quick")
+    version = None
+    try:
+        version = find_child(lt.pid, "v0_1_naive.py", lt)
+        assert version is not None, "did not see the version process start"
+        deadline = time.monotonic() + 20  # under load: long past READY and its banner
+        while threads_of(version) < 5 and time.monotonic() < deadline and lt.poll() is None:
+            time.sleep(0.005)
+        assert threads_of(version) >= 5, "the load never started (or the version died)"
+        os.kill(lt.pid, signal.SIGKILL)
+        lt.communicate(timeout=15)
+        assert wait_group_gone(version, 10.0), f"left behind: {live_group(version)}"
+    finally:
+        kill_group(lt.pid)
+        if version:
+            kill_group(version)
+
+
 FAKE_VERSION = """
 import http.server, json, sys, time
 
