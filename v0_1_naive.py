@@ -12,6 +12,7 @@ Diff:        (first version; read it top to bottom)
 import argparse
 import asyncio
 import collections
+import errno
 import http.client
 import itertools
 import json
@@ -638,7 +639,9 @@ def main(argv=None):
     except KeyboardInterrupt:
         pass
     except OSError as exc:
-        raise SystemExit(f"cannot serve: {exc}") from None
+        taken = exc.errno == errno.EADDRINUSE  # another copy still running, most often
+        raise SystemExit(f"cannot serve: {exc}" + ("; stop the other one, or --port 0 picks free ports" if taken
+                                                   else "")) from None
     finally:
         for child in children:
             child.terminate()

@@ -16,6 +16,7 @@ Diff:        diff -u v0_6_retries.py v0_7_breaker.py
 import argparse
 import asyncio
 import collections
+import errno
 import http.client
 import io
 import itertools
@@ -897,7 +898,9 @@ def main(argv=None):
     except KeyboardInterrupt:
         pass
     except OSError as exc:
-        raise SystemExit(f"cannot serve: {exc}") from None
+        taken = exc.errno == errno.EADDRINUSE  # another copy still running, most often
+        raise SystemExit(f"cannot serve: {exc}" + ("; stop the other one, or --port 0 picks free ports" if taken
+                                                   else "")) from None
     finally:
         for child in children:
             child.terminate()

@@ -393,6 +393,19 @@ def test_bad_flags_are_refused_before_anything_starts(version_path, args):
     assert args[0] in proc.stderr and proc.stdout == ""
 
 
+def test_a_taken_port_is_one_clear_line(version_path):
+    """Another copy still running: say so and how to get free ports, never a traceback."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = subprocess.run([sys.executable, version_path, "--role", "orders", "--port", str(port),
+                               "--payment-url", "http://127.0.0.1:9", "--shipping-url", "http://127.0.0.1:9"],
+                              capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL, check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert "in use" in proc.stderr and "--port 0" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_signal_to_orders_stops_all_three(version_path, sig):
     svc = Service(version_path)
