@@ -312,6 +312,19 @@ LADDER = {
     "v0_7": (["payment-down"], ["early-warning"]), "v0_8": (["early-warning"], ["partial-failure"]),
     "v1_0": (["partial-failure"], []),
 }
+# Why a version without the scenario's fix fails it: the mechanism, in one line, for the story a run ends with.
+WHY = {
+    "spike": "nothing limits what comes in, so everything past capacity waits in a queue that only grows",
+    "slow-payment": "admission counts requests, not the work they hold: slow calls pile up inside",
+    "slow-shipping": "an unbounded event queue hides a fulfilment backlog until it is seconds deep",
+    "hang-payment": "a call without a timeout waits forever, holding a worker, until none is left",
+    "flaky-payment": "a charge retried without an idempotency key is a second charge",
+    "retry-storm": "immediate retries multiply the work on a dependency exactly when it has least to spare",
+    "payment-down": "every order still waits out its timeouts against a dependency that is gone, holding workers",
+    "early-warning": "nothing inside is visible: the first sign of trouble is a user's error",
+    "partial-failure": "a shipment that fails is dropped, and nothing bounds a request's time end to end",
+}
+
 # The alert rules of prometheus/alerts.yml, evaluated here on each scrape of the target's /metrics (every
 # SAMPLE_EVERY_S), so the load test can say when the first one fired without running Prometheus.
 ALERT_WINDOW_S = 2.0  # the [2s] of the rules' rate()
@@ -958,6 +971,28 @@ def print_matrix(results, out=sys.stdout):
         out.write(f"   {s:16s}" + "".join(f"{cell.get((s, t), '-'):>{width}s}" for t in targets) + "\n")
 
 
+def print_story(results, out=sys.stdout):
+    """Three lines that end a version's run: what you saw, why, and what to do next (the course's next step)."""
+    name = results[0]["target"]
+    fixes, breaks = LADDER.get(name, ([], []))
+    shown = next((r for s in breaks + fixes for r in results if r["scenario"] == s), None)
+    if shown is None:
+        return
+    figure = shown["decisive"]
+    seen = "fails" if shown["verdict"] == "fail" else "passes" if shown["verdict"] == "pass" else "could not judge"
+    out.write(f"\nWhat you saw: {name} {seen} {shown['scenario']} ({figure} {fmt(shown['figures'].get(figure))}).\n")
+    if shown["scenario"] in breaks:
+        out.write(f"Why: {WHY[shown['scenario']]}.\n")
+    else:
+        out.write(f"Why: {name} is the step that fixes it; `diff -u` it against its predecessor to see how.\n")
+    files = {version_name(p): os.path.basename(p) for p in version_files()}
+    later = [v for v in files if v > name]
+    if later:
+        out.write(f"Next: diff -u {files[name]} {files[later[0]]}   then   python loadtest.py --target {later[0]}\n")
+    else:
+        out.write("Next: python loadtest.py --compare all --quick --report course.html   (the whole course)\n")
+
+
 def svg_chart(timeline, series, title, height=120, width=520):
     """One inline SVG line chart over the run's seconds; the fault window shaded."""
     n = max(1, len(timeline))
@@ -1314,6 +1349,8 @@ async def run_all(args, out):
             results.append(result)
     if len(runs) > 1 or args.compare:
         print_matrix(results, out)
+    if args.target and results:
+        print_story(results, out)
     return results
 
 

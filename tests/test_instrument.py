@@ -6,6 +6,7 @@ with reasons, loopback-only safety, the CLI and the JSON shape, and cleanup on e
 Every server here is an in-test asyncio server on 127.0.0.1 or a process this file starts.
 """
 import asyncio
+import io
 import json
 import math
 import os
@@ -522,6 +523,17 @@ def test_an_overloaded_instrument_gives_no_verdict():
         got, reasons = loadtest.distrust(verdict, ["x"], 160.0)
         assert got == "untrusted" and "160 ms behind" in reasons[0] and reasons[1:] == ["x"]
     assert loadtest.distrust("pass", [], None) == ("pass", [])
+
+
+def test_a_run_ends_with_what_you_saw_why_and_next():
+    """The terminal leads the way: the version's lesson in words, its mechanism, the next command."""
+    out = io.StringIO()
+    loadtest.print_story([{"target": "v0_1", "scenario": "spike", "verdict": "fail", "decisive": "p99_ms",
+                           "figures": {"p99_ms": 4919.0}}], out)
+    lines = out.getvalue().strip().splitlines()
+    assert lines[0] == "What you saw: v0_1 fails spike (p99_ms 4,919)."
+    assert lines[1].startswith("Why: nothing limits what comes in")
+    assert "diff -u v0_1_naive.py v0_2_admission.py" in lines[2] and "--target v0_2" in lines[2]
 
 
 def test_judge_missing_figure_fails_with_a_reason():
