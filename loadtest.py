@@ -448,13 +448,16 @@ class Target:
             os.unlink(self.log_path)
 
     def process_sample(self):
-        """Threads and resident memory (MiB) of the orders process, where /proc tells."""
+        """Threads, resident memory (MiB) and CPU seconds so far of the orders process, where /proc tells."""
         try:
             with open(f"/proc/{self.proc.pid}/status") as f:
                 fields = dict(line.split(":", 1) for line in f)
-            return int(fields["Threads"]), int(fields["VmRSS"].split()[0]) / 1024
-        except (AttributeError, OSError, KeyError, ValueError):
-            return None, None
+            with open(f"/proc/{self.proc.pid}/stat") as f:
+                ticks = f.read().rsplit(")", 1)[1].split()  # after the name: utime and stime at 11 and 12
+            cpu_s = (int(ticks[11]) + int(ticks[12])) / os.sysconf("SC_CLK_TCK")
+            return int(fields["Threads"]), int(fields["VmRSS"].split()[0]) / 1024, cpu_s
+        except (AttributeError, OSError, KeyError, ValueError, IndexError):
+            return None, None, None
 
 
 RUNNING = []  # targets to stop on any exit
@@ -644,7 +647,7 @@ async def run_scenario(target, scenario_name, capacity_rps, quick, seed, progres
 
     async def sampler():
         nonlocal alert_at
-        cpu_before = cpu_times()
+        cpu_before, orders_before = cpu_times(), (None, None)
         try:
             has_metrics = (await fetch_json(target.urls["orders"] + "/metrics"))[0] == 200  # from v0.8 on
         except (OSError, TimeoutError):
@@ -652,12 +655,16 @@ async def run_scenario(target, scenario_name, capacity_rps, quick, seed, progres
         while True:
             t = loop.time() - load.t0
             pay, ship = await stats(target, "payment"), await stats(target, "shipping")
-            threads, rss = target.process_sample()
+            threads, rss, orders_cpu_s = target.process_sample()
+            orders_cpu = None  # % of one core, the orders process alone
+            if orders_cpu_s is not None and orders_before[0] is not None and t > orders_before[1]:
+                orders_cpu = round(100 * (orders_cpu_s - orders_before[0]) / (t - orders_before[1]))
+            orders_before = (orders_cpu_s, t)
             cpu_now, cpu_pct = cpu_times(), None
             if cpu_before and cpu_now and cpu_now[0] > cpu_before[0]:  # machine busy %, all cores = 100
                 cpu_pct = round(100 * (1 - (cpu_now[1] - cpu_before[1]) / (cpu_now[0] - cpu_before[0])))
             cpu_before = cpu_now
-            samples.append({"t": t, "threads": threads, "rss_mb": rss, "cpu_pct": cpu_pct,
+            samples.append({"t": t, "threads": threads, "rss_mb": rss, "cpu_pct": cpu_pct, "orders_cpu_pct": orders_cpu,
                             "shipped": ship["unique_refs"] - before["shipping"]["unique_refs"]
                             if ship and before["shipping"] else None,
                             "payment_queue": pay["queue_depth"] if pay else None,
@@ -763,6 +770,8 @@ def summarise(target, scenario_name, load, phases, capacity_rps, acked, sent, sa
     figures["peak_threads"] = max(threads) if threads else None
     cpu = [s["cpu_pct"] for s in samples if s["cpu_pct"] is not None]
     figures["machine_cpu_p90_pct"] = percentile(cpu, 90)  # is capacity set by the simulators, not the CPU?
+    figures["orders_cpu_p90_pct"] = percentile([s["orders_cpu_pct"] for s in samples
+                                                if s["orders_cpu_pct"] is not None], 90)  # 100 = one core
     figures["peak_rss_mb"] = round(max(rss), 1) if rss else None
     figures["first_alert"] = f"{alert_at[1]} at {alert_at[0]:.1f} s" if alert_at else None  # none: no false alarm
     if scenario_name == "early-warning":  # the warning lead time: from the first alert to the first error a user sees
@@ -935,7 +944,8 @@ def print_run(result, out=sys.stdout):
         w("   ground truth   n/a (no simulator URLs: attach mode)\n")
     w(f"   recovery {fmt(result['recovery_s'], ' s') if result['recovery_s'] is not None else 'n/a'} · "
       f"peak threads {fmt(f['peak_threads'])} · peak RSS {fmt(f['peak_rss_mb'], ' MiB')} · machine CPU p90 "
-      f"{fmt(f['machine_cpu_p90_pct'], ' %')} · schedule lag p99 {fmt(f['schedule_lag_p99_ms'], ' ms')}\n")
+      f"{fmt(f['machine_cpu_p90_pct'], ' %')} (orders p90 {fmt(f['orders_cpu_p90_pct'], ' % of a core')}) · "
+      f"schedule lag p99 {fmt(f['schedule_lag_p99_ms'], ' ms')}\n")
     if f.get("first_alert") or "alert_lead_s" in f:  # only a target with /metrics can raise one
         w(f"   first alert {f.get('first_alert') or 'none'}"
           + (f" · warning lead {fmt(f['alert_lead_s'], ' s')} before the first error a user saw" if
