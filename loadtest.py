@@ -18,7 +18,6 @@ import argparse
 import asyncio
 import glob
 import html
-import io
 import ipaddress
 import json
 import math
@@ -1003,50 +1002,98 @@ def print_story(results, out=sys.stdout):
         out.write("Next: python loadtest.py --compare all --quick --report course.html   (the whole course)\n")
 
 
-def svg_chart(timeline, series, title, height=120, width=520):
-    """One inline SVG line chart over the run's seconds; the fault window shaded."""
-    n = max(1, len(timeline))
-    top = max([b[key] or 0 for b in timeline for key, _ in series] + [1])
-    x = lambda t: 50 + (width - 60) * t / n  # noqa: E731
-    y = lambda v: 22 + (height - 42) * (1 - (v or 0) / top)  # noqa: E731
-    parts = [f'<svg width="{width}" height="{height}" role="img" aria-label="{html.escape(title)}">',
-             f'<text x="50" y="12" font-size="11">{html.escape(title)}</text>']
-    for b in timeline:
-        if b["fault"]:
-            parts.append(f'<rect x="{x(b["t"]):.1f}" y="22" width="{x(1) - x(0) + 0.6:.1f}" height="{height - 42}" '
-                         'fill="#fde2e2"/>')
-    parts.append(f'<line x1="50" y1="{height - 20}" x2="{width - 10}" y2="{height - 20}" stroke="#999"/>'
-                 f'<text x="46" y="{y(top) + 4:.0f}" font-size="10" text-anchor="end">{fmt(top)}</text>'
-                 f'<text x="46" y="{height - 17}" font-size="10" text-anchor="end">0</text>'
-                 f'<text x="{width - 10}" y="{height - 4}" font-size="10" text-anchor="end">t = {n} s</text>')
-    for key, color in series:
-        points = " ".join(f"{x(b['t'] + 0.5):.1f},{y(b[key]):.1f}" for b in timeline if b[key] is not None)
-        parts.append(f'<polyline fill="none" stroke="{color}" stroke-width="2" points="{points}"/>')
-    return "".join(parts) + "</svg>"
+PALETTE = ["#0072B2", "#E69F00", "#009E73", "#CC79A7", "#56B4E9", "#D55E00", "#000000", "#999999", "#F0E442"]
+# Okabe and Ito's palette: told apart with every common form of colour blindness
+
+
+def nice_ceiling(value):
+    """The axis top: the first of 1, 2, 2.5, 5 x 10^k at or above value."""
+    scale = 10 ** math.floor(math.log10(max(value, 1e-9)))
+    return next(m * scale for m in (1, 2, 2.5, 5, 10) if m * scale >= value)
+
+
+def svg_chart(lines, fault, title, unit, width=660, height=230):
+    """One line chart: seconds into the run across, `unit` up, one line per (label, colour, [(t, value)]),
+    the fault window (start, end) shaded, a legend; plain SVG, no script."""
+    left, right, top_pad, bottom = 58, 14, 40, 36
+    t_end = max([t for _, _, points in lines for t, _ in points] + [1.0]) + 0.5
+    top = nice_ceiling(max([v for _, _, points in lines for _, v in points if v is not None] + [1.0]))
+    x = lambda t: left + (width - left - right) * t / t_end  # noqa: E731
+    y = lambda v: top_pad + (height - top_pad - bottom) * (1 - v / top)  # noqa: E731
+    out = [f'<svg width="{width}" height="{height}" viewBox="0 0 {width} {height}" role="img" '
+           f'aria-label="{html.escape(title)}"><text x="{left}" y="14" class="title">{html.escape(title)}</text>']
+    if fault:
+        out.append(f'<rect x="{x(fault[0]):.1f}" y="{top_pad}" width="{x(fault[1]) - x(fault[0]):.1f}" '
+                   f'height="{height - top_pad - bottom}" fill="#fbe3e3"/><text x="{x(fault[0]) + 4:.1f}" '
+                   f'y="{top_pad + 12}" class="tick">fault</text>')
+    for k in range(5):  # value gridlines and ticks
+        v = top * k / 4
+        out.append(f'<line x1="{left}" x2="{width - right}" y1="{y(v):.1f}" y2="{y(v):.1f}" stroke="#e3e3e3"/>'
+                   f'<text x="{left - 6}" y="{y(v) + 4:.1f}" class="tick" text-anchor="end">{v:,.4g}</text>')
+    for t in range(0, int(t_end) + 1, 5 if t_end <= 40 else 10):  # time ticks
+        out.append(f'<text x="{x(t):.1f}" y="{height - bottom + 15}" class="tick" text-anchor="middle">{t}</text>')
+    out.append(f'<text x="{(left + width - right) / 2:.0f}" y="{height - 6}" class="axis" text-anchor="middle">'
+               f'seconds into the run</text><text x="12" y="{(top_pad + height - bottom) / 2:.0f}" class="axis" '
+               f'text-anchor="middle" transform="rotate(-90 12 {(top_pad + height - bottom) / 2:.0f})">'
+               f'{html.escape(unit)}</text>')
+    for i, (label, colour, points) in enumerate(lines):
+        path = " ".join(f"{x(t):.1f},{y(v):.1f}" for t, v in points if v is not None)
+        out.append(f'<polyline fill="none" stroke="{colour}" stroke-width="2.2" points="{path}"/>'
+                   f'<rect x="{left + 8 + 70 * i}" y="22" width="12" height="4" fill="{colour}"/>'
+                   f'<text x="{left + 24 + 70 * i}" y="28" class="tick">{html.escape(label)}</text>')
+    return "".join(out) + "</svg>"
 
 
 def write_report(results, path):
-    """One self-contained HTML file: the matrix, then latency and goodput over time for every run."""
-    matrix = io.StringIO()
-    print_matrix(results, matrix)
+    """One self-contained HTML file: the matrix, then per scenario p99 and goodput over time, one line per
+    version, and each run's verdict with its reasons. Inline SVG and CSS, no script, nothing fetched."""
+    targets = list(dict.fromkeys(r["target"] for r in results))
+    scenarios = list(dict.fromkeys(r["scenario"] for r in results))
+    colour = {t: PALETTE[i % len(PALETTE)] for i, t in enumerate(targets)}
+    run = {(r["scenario"], r["target"]): r for r in results}
+    head = "".join(f"<th>{html.escape(t)}</th>" for t in targets)
     rows = []
-    for r in results:
-        f = r["figures"]
-        rows.append(f'<section><h2>{html.escape(r["target"])} · {html.escape(r["scenario"])} · '
-                    f'<span class="{r["verdict"]}">{r["verdict"].upper()}</span></h2>'
-                    f'<p>{html.escape(SCENARIOS[r["scenario"]]["about"])}. Offered {fmt(f["offered_rps"])} req/s, '
-                    f'goodput {fmt(f["goodput_rps"])} req/s, p99 {fmt(f["p99_ms"])} ms.</p>'
-                    + svg_chart(r["timeline"], [("p99_ms", "#c0392b")], "p99 latency of successes (ms), per second")
-                    + svg_chart(r["timeline"], [("ok", "#27ae60"), ("shed", "#f39c12"), ("errors", "#8e44ad")],
-                                "per second: ok (green), shed (orange), errors (purple)")
-                    + "<ul>" + "".join(f"<li>{html.escape(x)}</li>" for x in r["reasons"]) + "</ul></section>")
-    page = ("<!doctype html><meta charset='utf-8'><title>loadtest report</title><style>"
-            "body{font:14px system-ui,sans-serif;margin:2em;max-width:70em} pre{background:#f6f6f6;padding:1em}"
-            "svg{display:block;margin:.3em 0} .pass{color:#1e8449} .fail{color:#c0392b} "
-            ".untrusted{color:#b9770e}</style>"
-            "<h1>Failure-first playground: load test report</h1><p>Fault windows are shaded red. "
-            "Latency is measured from each request's intended send time.</p>"
-            f"<pre>{html.escape(matrix.getvalue().strip())}</pre>" + "".join(rows))
+    for s in scenarios:
+        cells = []
+        for t in targets:
+            r = run.get((s, t))
+            mark = {"pass": "✓", "fail": "✗"}.get(r["verdict"], "?") if r else ""
+            figure = f" {fmt(r['figures'].get(r['decisive']))}" if r else "–"
+            cells.append(f'<td class="{r["verdict"] if r else ""}">{mark}{figure}</td>')
+        decisive = next(r["decisive"] for r in results if r["scenario"] == s)
+        rows.append(f"<tr><th>{html.escape(s)} <small>{html.escape(decisive)}</small></th>{''.join(cells)}</tr>")
+    sections = []
+    for s in scenarios:
+        runs = [run[s, t] for t in targets if (s, t) in run]
+        faulty = [b["t"] for b in runs[0]["timeline"] if b["fault"]]
+        fault = (min(faulty), max(faulty) + 1) if faulty else None
+        p99 = [(r["target"], colour[r["target"]], [(b["t"] + 0.5, b["p99_ms"]) for b in r["timeline"]]) for r in runs]
+        ok = [(r["target"], colour[r["target"]], [(b["t"] + 0.5, b["ok"]) for b in r["timeline"]]) for r in runs]
+        verdicts = "".join(
+            f'<details><summary><b>{html.escape(r["target"])}</b> <span class="{r["verdict"]}">'
+            f'{r["verdict"].upper()}</span> · {html.escape(r["decisive"])} '
+            f'{fmt(r["figures"].get(r["decisive"]))}</summary><ul>'
+            + "".join(f"<li>{html.escape(x)}</li>" for x in r["reasons"]) + "</ul></details>" for r in runs)
+        about = SCENARIOS[s]["about"] + ("" if SCENARIOS[s]["about"].endswith("?") else ".")
+        sections.append(f'<section><h2>{html.escape(s)}</h2><p>{html.escape(about)} '
+                        f'Decisive figure: <code>{html.escape(runs[0]["decisive"])}</code>.</p>'
+                        + svg_chart(p99, fault, "p99 latency of successful requests, per second", "ms")
+                        + svg_chart(ok, fault, "goodput: successful requests per second", "req/s")
+                        + verdicts + "</section>")
+    page = ("<!doctype html><meta charset='utf-8'><meta name='viewport' content='width=device-width'>"
+            "<title>Failure-first playground: load test report</title><style>"
+            "body{font:15px/1.45 system-ui,sans-serif;margin:2em auto;max-width:60em;padding:0 1em;color:#222}"
+            "table{border-collapse:collapse;margin:1em 0} th,td{padding:.3em .7em;border:1px solid #ddd;"
+            "text-align:left;font-variant-numeric:tabular-nums} td.pass{background:#e6f4ea}"
+            "td.fail{background:#fde8e8} td.untrusted{background:#fff4d6} svg{display:block;margin:.6em 0}"
+            "svg .title{font:600 13px system-ui,sans-serif} svg .tick{font:11px system-ui,sans-serif;fill:#444}"
+            "svg .axis{font:12px system-ui,sans-serif;fill:#444} .pass{color:#1e7b34} .fail{color:#b3261e}"
+            ".untrusted{color:#8a5a00} section{margin-top:2.2em} summary{cursor:pointer;margin:.2em 0}</style>"
+            "<h1>Failure-first playground: load test report</h1>"
+            "<p>✓ pass, ✗ fail, ? untrusted (the machine was too busy to measure), with each scenario's decisive "
+            "figure. The fault window is shaded red; latency is measured from each request's intended send "
+            "time.</p>"
+            f"<table><tr><th>scenario</th>{head}</tr>{''.join(rows)}</table>" + "".join(sections))
     with open(path, "w", encoding="utf-8") as f:
         f.write(page)
 

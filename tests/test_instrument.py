@@ -665,7 +665,8 @@ def test_json_shape_and_html_report_of_a_quick_steady_run(tmp_path):
                               "--report", str(report), timeout_s=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     page = report.read_text(encoding="utf-8")
-    assert page.count("<svg") == 2 and "Lesson matrix" in page and "v0_1 · steady" in page
+    assert page.count("<svg") == 2 and "<table>" in page and "<h2>steady</h2>" in page and ">v0_1<" in page
+    assert "<script" not in page and "http://" not in page and "https://" not in page, "self-contained"
     assert "<script" not in page and "http://" not in page and "https://" not in page  # self-contained
     assert isinstance(data, dict) and list(data) == ["runs"]
     assert isinstance(data["runs"], list) and len(data["runs"]) == 1
