@@ -201,7 +201,7 @@ def drive(argv, monkeypatch):
     async def fake_run_scenario(target, name, capacity_rps, quick, seed, progress, duration_s=None, rate_rps=None):
         plan, phases = loadtest.make_plan(loadtest.SCENARIOS[name], capacity_rps, quick, seed, duration_s, rate_rps)
         asked.append({"capacity": capacity_rps, "rate": rate_rps, "phases": phases})
-        return {}
+        return {"verdict": "pass"}
 
     monkeypatch.setattr(loadtest, "run_scenario", fake_run_scenario)
     monkeypatch.setattr(loadtest, "print_run", lambda result, out: None)
