@@ -118,6 +118,23 @@ def run_loadtest(*args, timeout_s=300):
     return proc, data
 
 
+def versions_from(first):
+    """The version files from `first` on: versions_from("v0_5") is every version with idempotency."""
+    return [p for p in VERSIONS if version_id(p) >= first]
+
+
+def service_fixture(paths):
+    """A fixture running each of `paths` as a Service for a test, stopped afterwards even if the test fails."""
+    @pytest.fixture(params=paths, ids=version_id)
+    def running(request):
+        service = Service(request.param)
+        try:
+            yield service
+        finally:
+            service.stop()
+    return running
+
+
 @pytest.fixture(params=VERSIONS, ids=version_id)
 def version_path(request):
     return request.param

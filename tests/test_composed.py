@@ -9,19 +9,13 @@ import threading
 import time
 
 import pytest
-from conftest import VERSIONS, Service, request, version_id
+from conftest import request, service_fixture, versions_from
 
-COMPOSED = [p for p in VERSIONS if version_id(p) >= "v1_0"]
+COMPOSED = versions_from("v1_0")
 ORDER = {"item": "pen", "qty": 1, "customer": "ada"}
 
 
-@pytest.fixture(params=COMPOSED, ids=version_id)
-def svc(request):
-    service = Service(request.param)
-    try:
-        yield service
-    finally:
-        service.stop()
+svc = service_fixture(COMPOSED)
 
 
 def post(svc, body, headers=None, timeout_s=10.0):

@@ -7,9 +7,9 @@ class itself with a fake clock (nobody waits ten minutes).
 import threading
 
 import pytest
-from conftest import VERSIONS, Service, load_version, request, version_id
+from conftest import VERSIONS, Service, load_version, request, service_fixture, version_id, versions_from
 
-LATER = [p for p in VERSIONS if version_id(p) >= "v0_5"]
+LATER = versions_from("v0_5")
 ORDER = {"item": "mug", "qty": 1, "customer": "ada"}
 
 
@@ -32,13 +32,7 @@ def not_shed(send):
     raise AssertionError(f"still shed: {got}")
 
 
-@pytest.fixture(params=LATER, ids=version_id)
-def svc(request):
-    service = Service(request.param)
-    try:
-        yield service
-    finally:
-        service.stop()
+svc = service_fixture(LATER)
 
 
 def test_same_key_same_body_replays_the_first_answer(svc):

@@ -11,18 +11,12 @@ import sys
 import time
 
 import pytest
-from conftest import VERSIONS, Service, request, version_id
+from conftest import request, service_fixture, version_id, versions_from
 
-OBSERVED = [p for p in VERSIONS if version_id(p) >= "v0_8"]
+OBSERVED = versions_from("v0_8")
 
 
-@pytest.fixture(params=OBSERVED, ids=version_id)
-def svc(request):
-    service = Service(request.param)
-    try:
-        yield service
-    finally:
-        service.stop()
+svc = service_fixture(OBSERVED)
 
 
 def test_request_ids_are_echoed_and_logged(svc):

@@ -406,32 +406,36 @@ def test_an_open_breaker_fails_fast_without_calling(path, stub, monkeypatch):
     assert stub.calls == [], "an open circuit does not even try"
 
 
-@pytest.mark.parametrize("path", BREAKING, ids=version_id)
-def test_failed_attempts_feed_the_breaker(path, stub, monkeypatch):
-    """A call's three failed attempts open a min_calls=3 breaker; the next call fails fast."""
-    dep = wire(module(path), stub, monkeypatch)
-    breaker = dep.mod.CircuitBreaker(window_calls=10, min_calls=3, failure_rate=0.5, slow_call_s=10.0, open_s=60.0,
-                                     probes=1)
+def strict_breaker(dep, monkeypatch, min_calls):
+    """Payment's breaker replaced by one that opens after min_calls failures and stays open for a minute."""
+    breaker = dep.mod.CircuitBreaker(window_calls=10, min_calls=min_calls, failure_rate=0.5, slow_call_s=10.0,
+                                     open_s=60.0, probes=1)
     monkeypatch.setitem(dep.mod.BREAKERS, "payment", breaker)
-    stub.answers = [(503, {})]
-    with pytest.raises(dep.mod.DependencyError) as first:
-        charge(dep)
-    assert first.value.status == 502 and len(stub.calls) == 3
-    assert breaker.state == "open"
-    with pytest.raises(dep.mod.DependencyError) as second:
-        charge(dep)
-    assert second.value.status == 503 and second.value.retryable is False
-    assert len(stub.calls) == 3
+    return breaker
 
 
-@pytest.mark.parametrize("path", BREAKING, ids=version_id)
-def test_a_breaker_that_opens_between_attempts_answers_the_first_error(path, stub, monkeypatch):
-    """The first try may have committed (an ambiguous failure): its 502 says 'unknown', never a 503 'come later'."""
-    dep = wire(module(path), stub, monkeypatch)
-    breaker = dep.mod.CircuitBreaker(window_calls=10, min_calls=1, failure_rate=0.5, slow_call_s=10.0, open_s=60.0,
-                                     probes=1)
-    monkeypatch.setitem(dep.mod.BREAKERS, "payment", breaker)
-    stub.answers = [(500, {})]
+@pytest.fixture(params=BREAKING, ids=version_id)
+def breaking(request, stub, monkeypatch):
+    return wire(module(request.param), stub, monkeypatch)
+
+
+def failed_charge(dep):
     with pytest.raises(dep.mod.DependencyError) as info:
         charge(dep)
-    assert info.value.status == 502 and len(stub.calls) == 1 and breaker.state == "open"
+    return info.value
+
+
+def test_failed_attempts_feed_the_breaker(breaking, monkeypatch):
+    """A call's three failed attempts open a min_calls=3 breaker; the next call fails fast."""
+    breaker = strict_breaker(breaking, monkeypatch, min_calls=3)
+    breaking.stub.answers = [(503, {})]
+    assert failed_charge(breaking).status == 502 and len(breaking.stub.calls) == 3 and breaker.state == "open"
+    second = failed_charge(breaking)
+    assert second.status == 503 and second.retryable is False and len(breaking.stub.calls) == 3
+
+
+def test_a_breaker_that_opens_between_attempts_answers_the_first_error(breaking, monkeypatch):
+    """The first try may have committed (an ambiguous failure): its 502 says 'unknown', never a 503 'come later'."""
+    breaker = strict_breaker(breaking, monkeypatch, min_calls=1)
+    breaking.stub.answers = [(500, {})]
+    assert failed_charge(breaking).status == 502 and len(breaking.stub.calls) == 1 and breaker.state == "open"
