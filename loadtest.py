@@ -884,7 +884,7 @@ def distrust(verdict, reasons, lag_ms):
     measured the machine, not the target, so it gets no verdict (run_all runs it once more)."""
     if lag_ms is None or lag_ms <= UNTRUSTED_LAG_MS:
         return verdict, reasons
-    return "untrusted", [f"UNTRUSTED: loadtest ran {lag_ms:,.0f} ms behind its own schedule (p99 > "
+    return "untrusted", [f"loadtest ran {lag_ms:,.0f} ms behind its own schedule (p99 > "
                          f"{UNTRUSTED_LAG_MS} ms): the machine was too busy to measure this target"] + reasons
 
 
