@@ -630,7 +630,8 @@ async def run_scenario(target, scenario_name, capacity_rps, quick, seed, progres
 
     load = Load(plan, make_request)
     before = {role: await stats(target, role) for role in ("payment", "shipping")}
-    samples, alert_history, alert_at, problems = [], [], None, []  # alert_at: (seconds into the run, rule)
+    samples, alert_history, problems = [], [], []
+    alert = {"metrics": False, "at": None}  # the target has /metrics; when the first alert fired: (seconds, rule)
     for role in ("payment", "shipping"):
         await set_chaos(target, role, {})
 
@@ -645,12 +646,11 @@ async def run_scenario(target, scenario_name, capacity_rps, quick, seed, progres
                     current[role] = ph[role]
 
     async def sampler():
-        nonlocal alert_at
         cpu_before, orders_before = cpu_times(), (None, None)
         try:
-            has_metrics = (await fetch_json(target.urls["orders"] + "/metrics"))[0] == 200  # from v0.8 on
+            alert["metrics"] = (await fetch_json(target.urls["orders"] + "/metrics"))[0] == 200  # from v0.8 on
         except (OSError, TimeoutError):
-            has_metrics = False
+            pass
         while True:
             t = loop.time() - load.t0
             pay, ship = await stats(target, "payment"), await stats(target, "shipping")
@@ -668,10 +668,10 @@ async def run_scenario(target, scenario_name, capacity_rps, quick, seed, progres
                             if ship and before["shipping"] else None,
                             "payment_queue": pay["queue_depth"] if pay else None,
                             "held_open": pay["held_open"] if pay else None})
-            if alert_at is None and has_metrics:  # in every scenario: a false alarm counts too
+            if alert["at"] is None and alert["metrics"]:  # in every scenario: a false alarm counts too
                 firing = await scrape_alerts(target.urls["orders"], alert_history)
                 if firing:
-                    alert_at = (t, firing[0])
+                    alert["at"] = (t, firing[0])
             await asyncio.sleep(SAMPLE_EVERY_S)
 
     total_s, shown = phases[-1]["end"], [0.0]
@@ -704,7 +704,7 @@ async def run_scenario(target, scenario_name, capacity_rps, quick, seed, progres
     after = {role: await stats(target, role, refs=True) for role in ("payment", "shipping")}
     progress("")
     result = summarise(target, scenario_name, load, phases, capacity_rps, acked, sent, samples, before, after,
-                       run_id, alert_at)
+                       run_id, alert)
     if problems:  # the run did not do what the scenario says: never report it as a pass
         result["verdict"], result["reasons"] = "fail", problems + result["reasons"]
     return result
@@ -728,7 +728,7 @@ def latency_summary(latencies_s):
 
 
 def summarise(target, scenario_name, load, phases, capacity_rps, acked, sent, samples, before, after, run_id,
-              alert_at):
+              alert):
     """Everything a run measured, the figures the checks use, and the verdict."""
     scenario, recs = SCENARIOS[scenario_name], load.records
     fault = [p for p in phases if p["fault"]]
@@ -772,7 +772,9 @@ def summarise(target, scenario_name, load, phases, capacity_rps, acked, sent, sa
     figures["orders_cpu_p90_pct"] = percentile([s["orders_cpu_pct"] for s in samples
                                                 if s["orders_cpu_pct"] is not None], 90)  # 100 = one core
     figures["peak_rss_mb"] = round(max(rss), 1) if rss else None
-    figures["first_alert"] = f"{alert_at[1]} at {alert_at[0]:.1f} s" if alert_at else None  # none: no false alarm
+    alert_at = alert["at"]  # "none": /metrics read and no alert (no false alarm); None: no /metrics to read
+    figures["first_alert"] = (f"{alert_at[1]} at {alert_at[0]:.1f} s" if alert_at
+                              else "none" if alert["metrics"] else None)
     if scenario_name == "early-warning":  # the warning lead time: from the first alert to the first error a user sees
         first_error = min((r[0] for r in recs if r[4] != "ok"), default=total_s)
         figures["alert_lead_s"] = None if alert_at is None else round(first_error - alert_at[0], 2)
@@ -946,7 +948,7 @@ def print_run(result, out=sys.stdout):
       f"{fmt(f['machine_cpu_p90_pct'], ' %')} (orders p90 {fmt(f['orders_cpu_p90_pct'], ' % of a core')}) · "
       f"schedule lag p99 {fmt(f['schedule_lag_p99_ms'], ' ms')}\n")
     if f.get("first_alert") or "alert_lead_s" in f:  # only a target with /metrics can raise one
-        w(f"   first alert {f.get('first_alert') or 'none'}"
+        w(f"   first alert {f.get('first_alert') or 'none (no /metrics)'}"
           + (f" · warning lead {fmt(f['alert_lead_s'], ' s')} before the first error a user saw" if
              f.get("alert_lead_s") is not None else "") + "\n")
     print_timeline(result["timeline"], out)
