@@ -968,18 +968,23 @@ def print_timeline(timeline, out):
 
 
 def print_matrix(results, out=sys.stdout):
-    """Scenarios x versions: pass/fail with the decisive figure."""
+    """Scenarios x versions: pass/fail with the decisive figure (named once, beside the scenario), and a legend."""
     targets = list(dict.fromkeys(r["target"] for r in results))
     scenarios = list(dict.fromkeys(r["scenario"] for r in results))
+    decisive = {r["scenario"]: r["decisive"] for r in results}
     cell = {}
     for r in results:
-        mark = {"pass": "✓ ", "fail": "✗ "}.get(r["verdict"], "? ")
-        cell[(r["scenario"], r["target"])] = f"{mark}{r['decisive']} {fmt(r['figures'].get(r['decisive']))}"
-    width = max([len(c) for c in cell.values()] + [len(t) for t in targets]) + 3
-    out.write("\nLesson matrix (✓ pass, ✗ fail, ? untrusted: the machine was too busy; the decisive figure)\n")
-    out.write(f"   {'scenario':16s}" + "".join(f"{t:>{width}s}" for t in targets) + "\n")
+        mark = {"pass": "✓", "fail": "✗"}.get(r["verdict"], "?")
+        cell[(r["scenario"], r["target"])] = f"{mark} {fmt(r['figures'].get(r['decisive']))}"
+    width = max([len(c) for c in cell.values()] + [len(t) for t in targets]) + 2
+    label = max([len(f"{s} ({decisive[s]})") for s in scenarios] + [len("scenario (decisive figure)")]) + 2
+    out.write("\nLesson matrix\n")
+    out.write(f"   {'scenario (decisive figure)':{label}s}" + "".join(f"{t:>{width}s}" for t in targets) + "\n")
     for s in scenarios:
-        out.write(f"   {s:16s}" + "".join(f"{cell.get((s, t), '-'):>{width}s}" for t in targets) + "\n")
+        out.write(f"   {s + ' (' + decisive[s] + ')':{label}s}"
+                  + "".join(f"{cell.get((s, t), '-'):>{width}s}" for t in targets) + "\n")
+    out.write("   ✓ pass  ✗ fail  ? untrusted (the machine was too busy to measure)  ·  the same checks for every "
+              "version: python loadtest.py --list\n")
 
 
 def print_story(results, out=sys.stdout):
@@ -1004,8 +1009,9 @@ def print_story(results, out=sys.stdout):
         out.write("Next: python loadtest.py --compare all --quick --report course.html   (the whole course)\n")
 
 
-PALETTE = ["#0072B2", "#E69F00", "#009E73", "#CC79A7", "#56B4E9", "#D55E00", "#000000", "#999999", "#F0E442"]
-# Okabe and Ito's palette: told apart with every common form of colour blindness
+PALETTE = ["#0072B2", "#E69F00", "#009E73", "#CC79A7", "#56B4E9", "#D55E00", "#999999", "#882255", "#000000"]
+# Okabe and Ito's palette (its yellow swapped for Tol's wine, readable on white): told apart with every common
+# form of colour blindness; the last version drawn in black
 
 
 def nice_ceiling(value):
@@ -1014,7 +1020,7 @@ def nice_ceiling(value):
     return next(m * scale for m in (1, 2, 2.5, 5, 10) if m * scale >= value)
 
 
-def svg_chart(lines, fault, title, unit, width=660, height=230):
+def svg_chart(lines, fault, title, unit, width=720, height=230):
     """One line chart: seconds into the run across, `unit` up, one line per (label, colour, [(t, value)]),
     the fault window (start, end) shaded, a legend; plain SVG, no script."""
     left, right, top_pad, bottom = 58, 14, 40, 36
@@ -1041,8 +1047,8 @@ def svg_chart(lines, fault, title, unit, width=660, height=230):
     for i, (label, colour, points) in enumerate(lines):
         path = " ".join(f"{x(t):.1f},{y(v):.1f}" for t, v in points if v is not None)
         out.append(f'<polyline fill="none" stroke="{colour}" stroke-width="2.2" points="{path}"/>'
-                   f'<rect x="{left + 8 + 70 * i}" y="22" width="12" height="4" fill="{colour}"/>'
-                   f'<text x="{left + 24 + 70 * i}" y="28" class="tick">{html.escape(label)}</text>')
+                   f'<rect x="{left + 8 + 66 * i}" y="22" width="12" height="4" fill="{colour}"/>'
+                   f'<text x="{left + 24 + 66 * i}" y="28" class="tick">{html.escape(label)}</text>')
     return "".join(out) + "</svg>"
 
 
@@ -1085,8 +1091,9 @@ def write_report(results, path):
     page = ("<!doctype html><meta charset='utf-8'><meta name='viewport' content='width=device-width'>"
             "<title>Failure-first playground: load test report</title><style>"
             "body{font:15px/1.45 system-ui,sans-serif;margin:2em auto;max-width:60em;padding:0 1em;color:#222}"
-            "table{border-collapse:collapse;margin:1em 0} th,td{padding:.3em .7em;border:1px solid #ddd;"
-            "text-align:left;font-variant-numeric:tabular-nums} td.pass{background:#e6f4ea}"
+            "table{border-collapse:collapse;margin:1em 0;font-size:14px} "
+            "th,td{padding:.25em .5em;border:1px solid #ddd;"
+            "text-align:left;font-variant-numeric:tabular-nums;white-space:nowrap} td.pass{background:#e6f4ea}"
             "td.fail{background:#fde8e8} td.untrusted{background:#fff4d6} svg{display:block;margin:.6em 0}"
             "svg .title{font:600 13px system-ui,sans-serif} svg .tick{font:11px system-ui,sans-serif;fill:#444}"
             "svg .axis{font:12px system-ui,sans-serif;fill:#444} .pass{color:#1e7b34} .fail{color:#b3261e}"
