@@ -1372,6 +1372,8 @@ def make_progress(enabled):
 
 
 async def run_all(args, out):
+    """Every planned cell (version x scenario) in turn, on fresh processes; then the matrix, which is printed
+    even after Ctrl-C for what was measured, and for one --target, the three lines of its story."""
     runs = plan_runs(args)  # parse_args has already refused anything this would raise on
     progress = make_progress(sys.stderr.isatty())
     if args.probe:
@@ -1381,43 +1383,54 @@ async def run_all(args, out):
             return [await probe(target, capacity, args.quick, out, args.rate)]
         finally:
             target.stop()
-    results = []
-    for path, scenarios in runs:
-        for name in scenarios:
-            if args.url:
-                urls = {"orders": args.url.rstrip("/")}
-                urls.update({k: v.rstrip("/") for k, v in (("payment", args.payment_url),
-                                                            ("shipping", args.shipping_url)) if v})
-                target = Target(urls["orders"], urls)
-                faulty = any(p["payment"] or p["shipping"] for p in SCENARIOS[name]["phases"])
-                if faulty and not (args.payment_url and args.shipping_url):
-                    out.write(f"\n== {name}: skipped: its faults need --payment-url and --shipping-url\n")
-                    continue
-            for attempt in (1, 2):  # an untrusted run is run once more, on fresh processes
-                if not args.url:
-                    target = Target.spawn(path, args.seed)
-                try:
-                    # C: --capacity, else what payment says. --rate, if given, sets the offered load instead.
-                    capacity = args.capacity or capacity_of(await stats(target, "payment"))
-                    problem = plan_problem(name, SCENARIOS[name], capacity, args.quick, args.duration, args.rate)
-                    if problem:  # C read from /stats can differ from the default parse_args checked with
-                        raise SystemExit(f"refusing to run: {problem}")
-                    result = await run_scenario(target, name, capacity, args.quick, args.seed, progress,
-                                                args.duration, rate_rps=args.rate)
-                finally:
-                    if target.proc:
-                        target.stop()
-                print_run(result, out)
-                out.flush()
-                if result["verdict"] != "untrusted" or attempt == 2:
-                    break
-                out.write("   (untrusted: running it once more)\n")
-            results.append(result)
-    if len(runs) > 1 or args.compare:
-        print_matrix(results, out)
+    results, cells, started = [], [(path, name) for path, names in runs for name in names], time.monotonic()
+    try:
+        for done, (path, name) in enumerate(cells):
+            def cell_progress(text, done=done):
+                elapsed = time.monotonic() - started
+                left = f" · ~{elapsed / done * (len(cells) - done) / 60:.0f} min left" if done else ""
+                progress(f"[{done + 1}/{len(cells)} · {elapsed / 60:.0f} min{left}] {text}" if text else "")
+            result = await run_cell(args, path, name, cell_progress, out)
+            if result:
+                results.append(result)
+    finally:  # Ctrl-C too: the matrix of what was measured
+        if results and (len(runs) > 1 or args.compare):
+            print_matrix(results, out)
     if args.target and results:
         print_story(results, out)
     return results
+
+
+async def run_cell(args, path, name, progress, out):
+    """One scenario on one version (or the --url target), printed; an untrusted run is run once more."""
+    if args.url:
+        urls = {"orders": args.url.rstrip("/")}
+        urls.update({k: v.rstrip("/") for k, v in (("payment", args.payment_url),
+                                                    ("shipping", args.shipping_url)) if v})
+        target = Target(urls["orders"], urls)
+        faulty = any(p["payment"] or p["shipping"] for p in SCENARIOS[name]["phases"])
+        if faulty and not (args.payment_url and args.shipping_url):
+            out.write(f"\n== {name}: skipped: its faults need --payment-url and --shipping-url\n")
+            return None
+    for attempt in (1, 2):
+        if not args.url:
+            target = Target.spawn(path, args.seed)
+        try:
+            # C: --capacity, else what payment says. --rate, if given, sets the offered load instead.
+            capacity = args.capacity or capacity_of(await stats(target, "payment"))
+            problem = plan_problem(name, SCENARIOS[name], capacity, args.quick, args.duration, args.rate)
+            if problem:  # C read from /stats can differ from the default parse_args checked with
+                raise SystemExit(f"refusing to run: {problem}")
+            result = await run_scenario(target, name, capacity, args.quick, args.seed, progress, args.duration,
+                                        rate_rps=args.rate)
+        finally:
+            if target.proc:
+                target.stop()
+        print_run(result, out)
+        out.flush()
+        if result["verdict"] != "untrusted" or attempt == 2:
+            return result
+        out.write("   (untrusted: running it once more)\n")
 
 
 class OneLineParser(argparse.ArgumentParser):

@@ -753,6 +753,25 @@ def test_interrupt_stops_everything(sig, when):
             lt.communicate()
 
 
+def test_ctrl_c_still_prints_the_matrix_of_what_was_measured():
+    lt = start_loadtest("--compare", "v0_1,v0_2", "--scenario", "steady", "--quick")
+    try:
+        seen, deadline = "", time.monotonic() + 60
+        while "PASS:" not in seen and "FAIL:" not in seen and time.monotonic() < deadline:
+            if select.select([lt.stdout], [], [], 1.0)[0]:
+                seen += lt.stdout.readline()
+        assert "v0_1 · steady" in seen, seen
+        os.kill(lt.pid, signal.SIGINT)
+        out, err = lt.communicate(timeout=30)
+        assert lt.returncode == 130 and "interrupted" in err
+        matrix = out[out.index("Lesson matrix"):]
+        assert "v0_1" in matrix and "steady (p99_ms)" in matrix, out
+    finally:
+        kill_group(lt.pid)
+        if lt.poll() is None:
+            lt.communicate()
+
+
 @pytest.mark.skipif(not HAS_PROC, reason="needs /proc to find the version's process")
 def test_kill_9_of_loadtest_orphans_nothing():
     """SIGKILL cannot be caught: the version notices its parent is gone and stops itself and its children."""
