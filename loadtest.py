@@ -16,6 +16,7 @@ requests that were waiting to be sent (coordinated omission, Gil Tene). Pure sta
 """
 import argparse
 import asyncio
+import collections
 import glob
 import html
 import ipaddress
@@ -161,13 +162,19 @@ async def fetch_json(url, method="GET", body=None, timeout_s=3.0):
         return status, data.decode("latin-1")
 
 
+# One request as the load generator saw it: when it was meant to leave (s into the run), how late it left (s),
+# how long from its intended send to its answer (s), "post" or "get", its outcome (OUTCOMES), the HTTP status
+# (0: none) and how many attempts a retrying client made.
+Record = collections.namedtuple("Record", "intended lag latency kind outcome status attempts")
+
+
 class Load:
     """The open loop: fire requests at their intended times; record what happened to each."""
 
     def __init__(self, plan, make_request, client_timeout_s=CLIENT_TIMEOUT_S, max_in_flight=MAX_IN_FLIGHT):
         self.plan, self.make_request = plan, make_request  # plan: sorted list of (offset_s, kind)
         self.client_timeout_s, self.max_in_flight = client_timeout_s, max_in_flight
-        self.records = []  # (intended_s, lag_s, latency_s, kind, outcome, status, attempts)
+        self.records = []  # one Record per request, in the order they ended
         self.in_flight = 0
         self.t0 = None
 
@@ -180,7 +187,7 @@ class Load:
             while i < n and self.t0 + self.plan[i][0] <= now:
                 offset, kind = self.plan[i]
                 if self.in_flight >= self.max_in_flight:
-                    self.records.append((offset, 0.0, 0.0, kind, "capped", 0, 0))
+                    self.records.append(Record(offset, 0.0, 0.0, kind, "capped", 0, 0))
                 else:
                     self.in_flight += 1  # counted at launch, so arrivals due together respect the cap
                     task = loop.create_task(self.fire(offset, kind))
@@ -215,7 +222,7 @@ class Load:
                     break
         finally:
             self.in_flight -= 1
-        self.records.append((offset, lag, loop.time() - intended, kind, outcome, status, attempt))
+        self.records.append(Record(offset, lag, loop.time() - intended, kind, outcome, status, attempt))
 
 
 # === SCENARIOS ===
@@ -734,31 +741,31 @@ def summarise(target, scenario_name, load, phases, capacity_rps, acked, sent, sa
     fault = [p for p in phases if p["fault"]]
     fault_start = fault[0]["start"] if fault else None
     fault_end = fault[-1]["end"] if fault else None
-    ok = [r for r in recs if r[4] == "ok"]
-    counts = {o: sum(1 for r in recs if r[4] == o) for o in OUTCOMES}
+    ok = [r for r in recs if r.outcome == "ok"]
+    counts = {o: sum(1 for r in recs if r.outcome == o) for o in OUTCOMES}
     counts["sent"] = len(recs) - counts["capped"]
-    counts["attempts"] = sum(r[6] for r in recs if r[3] == "post")
+    counts["attempts"] = sum(r.attempts for r in recs if r.kind == "post")
     total_s = phases[-1]["end"]
     figures = {"offered_rps": round(len(recs) / total_s, 1), "goodput_rps": round(len(ok) / total_s, 1),
                "capacity_rps": capacity_rps}
-    lat = latency_summary([r[2] for r in ok])
+    lat = latency_summary([r.latency for r in ok])
     figures.update({f"{k}_ms": v for k, v in lat.items()})
-    bad = [r for r in recs if r[4] not in ("ok", "shed", "4xx")]
+    bad = [r for r in recs if r.outcome not in ("ok", "shed", "4xx")]
     figures["error_pct"] = round(100 * len(bad) / max(1, len(recs)), 2)
     figures["timeouts"] = counts["timeout"]
-    figures["shed_p99_ms"] = _ms(percentile([r[2] for r in recs if r[4] == "shed"], 99))
-    in_fault = [r for r in recs if fault and fault_start <= r[0] < fault_end]
+    figures["shed_p99_ms"] = _ms(percentile([r.latency for r in recs if r.outcome == "shed"], 99))
+    in_fault = [r for r in recs if fault and fault_start <= r.intended < fault_end]
     if fault:
-        done_in_fault = [r for r in ok if fault_start <= r[0] + r[2] < fault_end]  # by completion time
+        done_in_fault = [r for r in ok if fault_start <= r.intended + r.latency < fault_end]  # by completion time
         figures["fault_goodput_x"] = round(len(done_in_fault) / (fault_end - fault_start) / capacity_rps, 2)
-        late = [r for r in recs if fault_start <= r[0]]
-        figures["goodput_pct"] = round(100 * sum(1 for r in late if r[4] == "ok") / max(1, len(late)), 1)
-        second_half = [r for r in in_fault if r[3] == "post" and r[0] >= (fault_start + fault_end) / 2]
-        figures["fault_post_p50_ms"] = _ms(percentile([r[2] for r in second_half], 50))
-    gets = [r for r in recs if r[3] == "get"]
+        late = [r for r in recs if fault_start <= r.intended]
+        figures["goodput_pct"] = round(100 * sum(1 for r in late if r.outcome == "ok") / max(1, len(late)), 1)
+        second_half = [r for r in in_fault if r.kind == "post" and r.intended >= (fault_start + fault_end) / 2]
+        figures["fault_post_p50_ms"] = _ms(percentile([r.latency for r in second_half], 50))
+    gets = [r for r in recs if r.kind == "get"]
     if gets:
-        figures["get_error_pct"] = round(100 * sum(1 for r in gets if r[4] != "ok") / len(gets), 2)
-        figures["get_p99_ms"] = _ms(percentile([r[2] for r in gets if r[4] == "ok"], 99))
+        figures["get_error_pct"] = round(100 * sum(1 for r in gets if r.outcome != "ok") / len(gets), 2)
+        figures["get_p99_ms"] = _ms(percentile([r.latency for r in gets if r.outcome == "ok"], 99))
     timeline = build_timeline(recs, total_s, phases, samples, acked)
     figures["recovery_s"] = recovery_time(timeline, fault_end) if fault else None
     fault_refs = {ref for ref, t in sent.items() if fault and fault_start <= t < fault_end}
@@ -776,9 +783,9 @@ def summarise(target, scenario_name, load, phases, capacity_rps, acked, sent, sa
     figures["first_alert"] = (f"{alert_at[1]} at {alert_at[0]:.1f} s" if alert_at
                               else "none" if alert["metrics"] else None)
     if scenario_name == "early-warning":  # the warning lead time: from the first alert to the first error a user sees
-        first_error = min((r[0] for r in recs if r[4] != "ok"), default=total_s)
+        first_error = min((r.intended for r in recs if r.outcome != "ok"), default=total_s)
         figures["alert_lead_s"] = None if alert_at is None else round(first_error - alert_at[0], 2)
-    lags = [r[1] for r in recs if r[4] != "capped"]
+    lags = [r.lag for r in recs if r.outcome != "capped"]
     figures["schedule_lag_p99_ms"] = _ms(percentile(lags, 99))
     verdict, reasons = distrust(*judge(scenario, figures), figures["schedule_lag_p99_ms"])
     return {"target": target.name, "scenario": scenario_name, "verdict": verdict, "reasons": reasons,
@@ -799,16 +806,16 @@ def build_timeline(recs, total_s, phases, samples, acked):
     buckets = [{"t": s, "offered": 0, "ok": 0, "shed": 0, "errors": 0, "timeouts": 0, "lat": []}
                for s in range(seconds)]
     for r in recs:
-        b = buckets[min(int(r[0]), seconds - 1)]
+        b = buckets[min(int(r.intended), seconds - 1)]
         b["offered"] += 1
-        if r[4] == "ok":
+        if r.outcome == "ok":
             b["ok"] += 1
-            b["lat"].append(r[2])
-        elif r[4] == "shed":
+            b["lat"].append(r.latency)
+        elif r.outcome == "shed":
             b["shed"] += 1
-        elif r[4] != "4xx":
+        elif r.outcome != "4xx":
             b["errors"] += 1
-            b["timeouts"] += r[4] == "timeout"
+            b["timeouts"] += r.outcome == "timeout"
     ack_times = sorted(acked.values())
     for b in buckets:
         b["p99_ms"] = _ms(percentile(b.pop("lat"), 99))
@@ -1165,12 +1172,12 @@ async def constant_load(url, rate, seconds):
     cpu0, wall0 = time.process_time(), time.monotonic()
     await load.run()
     cpu = time.process_time() - cpu0
-    ok = [r for r in load.records if r[4] == "ok"]
-    on_time = sum(1 for r in load.records if r[4] == "ok" and r[1] <= 0.002)
+    ok = [r for r in load.records if r.outcome == "ok"]
+    on_time = sum(1 for r in load.records if r.outcome == "ok" and r.lag <= 0.002)
     return {"rate": rate, "sent": n, "ok": len(ok), "on_time_pct": round(100 * on_time / n, 1),
-            "ok_pct": round(100 * len(ok) / n, 1), "lag_p99_ms": _ms(percentile([r[1] for r in load.records], 99)),
+            "ok_pct": round(100 * len(ok) / n, 1), "lag_p99_ms": _ms(percentile([r.lag for r in load.records], 99)),
             "cpu_us_per_request": round(cpu / n * 1e6), "wall_s": round(time.monotonic() - wall0, 2),
-            "latency_ms": latency_summary([r[2] for r in ok])}
+            "latency_ms": latency_summary([r.latency for r in ok])}
 
 
 async def calibrate(quick, out):
@@ -1219,7 +1226,7 @@ async def probe(target, capacity_rps, quick, out, rate_rps=None):
 
     load = Load(plan, lambda kind: [(*call(pay, "/charge"), lambda status, data: None, False)])
     await load.run()
-    results["payment"] = latency_summary([r[2] for r in load.records if r[4] == "ok"])
+    results["payment"] = latency_summary([r.latency for r in load.records if r.outcome == "ok"])
     loop, latencies = asyncio.get_running_loop(), []
     for _ in range(300 if quick else 1000):  # one caller in sequence, as the fulfilment worker calls
         start = loop.time()

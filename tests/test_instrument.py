@@ -87,7 +87,7 @@ def constant_plan(rate, seconds, kind="post"):
 
 
 def lat(records):
-    return [r[2] for r in records]
+    return [r.latency for r in records]
 
 
 # --- helpers: processes (Linux /proc; only processes this file started) --------------------------
@@ -282,10 +282,10 @@ def test_open_loop_keeps_schedule_against_slow_server():
     load, wall_s = asyncio.run(main())
     recs = load.records
     assert len(recs) == len(plan) == 200, "every planned request must be sent and recorded"
-    outcomes = {r[4] for r in recs}
+    outcomes = {r.outcome for r in recs}
     assert outcomes == {"ok"}, f"outcomes {outcomes}"
-    assert sorted(r[0] for r in recs) == [p[0] for p in plan]
-    lag_p99 = loadtest.percentile([r[1] for r in recs], 99)
+    assert sorted(r.intended for r in recs) == [p[0] for p in plan]
+    lag_p99 = loadtest.percentile([r.lag for r in recs], 99)
     assert lag_p99 < 0.020, f"scheduler lag p99 {lag_p99 * 1000:.1f} ms: requests did not leave on schedule"
     # Little's law: 100/s x 0.3 s = ~30 in flight. A closed loop would have 1.
     assert peak[0] >= 10, f"in flight peaked at {peak[0]}: requests waited for earlier answers"
@@ -329,7 +329,7 @@ def test_latency_is_measured_from_intended_time_through_a_stall():
 
     load = asyncio.run(main())
     recs = load.records
-    assert len(recs) == len(plan) and {r[4] for r in recs} == {"ok"}
+    assert len(recs) == len(plan) and {r.outcome for r in recs} == {"ok"}
     latencies = lat(recs)
     p50, p99 = loadtest.percentile(latencies, 50), loadtest.percentile(latencies, 99)
     assert p99 >= 0.5, f"p99 {p99 * 1000:.0f} ms hides a 0.8 s stall that a third of the requests sat through"
@@ -337,7 +337,7 @@ def test_latency_is_measured_from_intended_time_through_a_stall():
     assert loadtest.latency_summary(latencies)["p99"] >= 500
     # Each request intended inside the stall waited until the stall's end, counted from its intended time,
     # and it was sent on time (not held back behind the stalled ones).
-    inside = [r for r in recs if stall_from + 0.05 <= r[0] <= stall_to - 0.05]
+    inside = [r for r in recs if stall_from + 0.05 <= r.intended <= stall_to - 0.05]
     assert len(inside) >= 120
     for intended, lag, latency, *_ in inside:
         assert abs(latency - (stall_to - intended)) < 0.1, (intended, latency)
@@ -369,8 +369,8 @@ def test_client_timeout_against_a_server_that_never_answers():
     recs = asyncio.run(main()).records
     assert len(recs) == len(plan)
     for r in recs:
-        assert r[4] == "timeout" and r[5] == 0, r
-        assert timeout_s - 0.01 <= r[2] <= timeout_s + 0.3, f"gave up after {r[2]:.3f} s"
+        assert r.outcome == "timeout" and r.status == 0, r
+        assert timeout_s - 0.01 <= r.latency <= timeout_s + 0.3, f"gave up after {r.latency:.3f} s"
 
 
 def test_refused_connection_is_counted_as_conn():
@@ -387,8 +387,8 @@ def test_refused_connection_is_counted_as_conn():
         recs = asyncio.run(main()).records
     assert len(recs) == len(plan)
     for r in recs:
-        assert r[4] == "conn" and r[5] == 0, r
-        assert r[2] < 1.0
+        assert r.outcome == "conn" and r.status == 0, r
+        assert r.latency < 1.0
 
 
 @pytest.mark.parametrize("plan", [constant_plan(100, 0.1), [(0.0, "post")] * 10], ids=["spaced", "due-together"])
@@ -407,7 +407,7 @@ def test_in_flight_cap_counts_requests_over_it(plan):
 
     recs = asyncio.run(main()).records
     assert len(recs) == len(plan), "capped requests are counted, never silently dropped"
-    assert sorted(r[4] for r in recs) == ["capped"] * 7 + ["timeout"] * 3
+    assert sorted(r.outcome for r in recs) == ["capped"] * 7 + ["timeout"] * 3
 
 
 @pytest.mark.parametrize("status, outcome, attempts", [(503, "shed", 3), (201, "ok", 1), (404, "4xx", 1)])
@@ -426,7 +426,7 @@ def test_retrying_clients_record_attempts(status, outcome, attempts):
 
     recs = asyncio.run(main()).records
     assert len(recs) == len(plan)
-    assert {(r[4], r[5], r[6]) for r in recs} == {(outcome, status, attempts)}
+    assert {(r.outcome, r.status, r.attempts) for r in recs} == {(outcome, status, attempts)}
     assert len(answers) == len(plan) * attempts and {a[0] for a in answers} == {status}
 
 
@@ -756,13 +756,15 @@ def test_interrupt_stops_everything(sig, when):
 def test_ctrl_c_still_prints_the_matrix_of_what_was_measured():
     lt = start_loadtest("--compare", "v0_1,v0_2", "--scenario", "steady", "--quick")
     try:
-        seen, deadline = "", time.monotonic() + 60
-        while "PASS:" not in seen and "FAIL:" not in seen and time.monotonic() < deadline:
+        seen, deadline = b"", time.monotonic() + 60  # raw reads: readline() would buffer lines select() cannot see
+        while b"PASS:" not in seen and b"FAIL:" not in seen and time.monotonic() < deadline:
             if select.select([lt.stdout], [], [], 1.0)[0]:
-                seen += lt.stdout.readline()
-        assert "v0_1 · steady" in seen, seen
+                seen += os.read(lt.stdout.fileno(), 65536)
+        assert "v0_1 · steady" in seen.decode(), seen
+        assert b"v0_2 \xc2\xb7 steady" not in seen, "too late to interrupt: the second run is over"
         os.kill(lt.pid, signal.SIGINT)
-        out, err = lt.communicate(timeout=30)
+        rest, err = lt.communicate(timeout=30)
+        out = seen.decode() + rest
         assert lt.returncode == 130 and "interrupted" in err
         matrix = out[out.index("Lesson matrix"):]
         assert "v0_1" in matrix and "steady (p99_ms)" in matrix, out
@@ -859,7 +861,7 @@ def test_trivial_responder_answers_an_open_loop():
 
         recs = asyncio.run(main()).records
         assert len(recs) == len(plan)
-        assert {(r[4], r[5]) for r in recs} == {("ok", 200)}
+        assert {(r.outcome, r.status) for r in recs} == {("ok", 200)}
         assert loadtest.percentile(lat(recs), 50) < 0.1
         os.killpg(proc.pid, signal.SIGTERM)
         assert proc.wait(timeout=10) == 0
