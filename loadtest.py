@@ -33,6 +33,7 @@ import threading
 import time
 from urllib.parse import urlsplit
 
+# === CONFIG ===
 HERE = os.path.dirname(os.path.abspath(__file__))
 CLIENT_TIMEOUT_S = 5.0  # a user's patience: after this the client gives up (counted, not hidden)
 MAX_IN_FLIGHT = 3000  # open loop, but bounded: requests over the cap are counted as "capped"
@@ -396,7 +397,7 @@ def make_plan(scenario, capacity_rps, quick, seed, duration_s=None, rate_rps=Non
     return plan, phases
 
 
-# === GROUND TRUTH ===
+# === TARGETS AND RUNS ===
 
 
 class Target:
@@ -717,7 +718,87 @@ async def run_scenario(target, scenario_name, capacity_rps, quick, seed, progres
     return result
 
 
-# === REPORTS ===
+def capacity_of(payment_stats):
+    """C from payment's /stats when it is a sane number, else the default: a /stats answer must
+    not be able to size a load past the limits the command line is held to."""
+    value = (payment_stats or {}).get("capacity_rps")
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value <= MAX_CAPACITY_RPS:
+        return value
+    return DEFAULT_CAPACITY_RPS
+
+
+def make_progress(enabled):
+    """A one-line live status on stderr when it is a terminal."""
+    def progress(text):
+        if enabled:
+            sys.stderr.write("\r\033[K" + text)
+            sys.stderr.flush()
+    return progress
+
+
+async def run_all(args, out):
+    """Every planned cell (version x scenario) in turn, on fresh processes; then the matrix, which is printed
+    even after Ctrl-C for what was measured, and for one --target, the three lines of its story."""
+    runs = plan_runs(args)  # parse_args has already refused anything this would raise on
+    progress = make_progress(sys.stderr.isatty())
+    if args.probe:
+        target = Target.spawn(runs[0][0], args.seed)
+        try:
+            capacity = args.capacity or capacity_of(await stats(target, "payment"))
+            return [await probe(target, capacity, args.quick, out, args.rate)]
+        finally:
+            target.stop()
+    results, cells, started = [], [(path, name) for path, names in runs for name in names], time.monotonic()
+    try:
+        for done, (path, name) in enumerate(cells):
+            def cell_progress(text, done=done):
+                elapsed = time.monotonic() - started
+                left = f" · ~{elapsed / done * (len(cells) - done) / 60:.0f} min left" if done else ""
+                progress(f"[{done + 1}/{len(cells)} · {elapsed / 60:.0f} min{left}] {text}" if text else "")
+            result = await run_cell(args, path, name, cell_progress, out)
+            if result:
+                results.append(result)
+    finally:  # Ctrl-C too: the matrix of what was measured
+        if results and (len(runs) > 1 or args.compare):
+            print_matrix(results, out)
+    if args.target and results:
+        print_story(results, out)
+    return results
+
+
+async def run_cell(args, path, name, progress, out):
+    """One scenario on one version (or the --url target), printed; an untrusted run is run once more."""
+    if args.url:
+        urls = {"orders": args.url.rstrip("/")}
+        urls.update({k: v.rstrip("/") for k, v in (("payment", args.payment_url),
+                                                    ("shipping", args.shipping_url)) if v})
+        target = Target(urls["orders"], urls)
+        faulty = any(p["payment"] or p["shipping"] for p in SCENARIOS[name]["phases"])
+        if faulty and not (args.payment_url and args.shipping_url):
+            out.write(f"\n== {name}: skipped: its faults need --payment-url and --shipping-url\n")
+            return None
+    for attempt in (1, 2):
+        if not args.url:
+            target = Target.spawn(path, args.seed)
+        try:
+            # C: --capacity, else what payment says. --rate, if given, sets the offered load instead.
+            capacity = args.capacity or capacity_of(await stats(target, "payment"))
+            problem = plan_problem(name, SCENARIOS[name], capacity, args.quick, args.duration, args.rate)
+            if problem:  # C read from /stats can differ from the default parse_args checked with
+                raise SystemExit(f"refusing to run: {problem}")
+            result = await run_scenario(target, name, capacity, args.quick, args.seed, progress, args.duration,
+                                        rate_rps=args.rate)
+        finally:
+            if target.proc:
+                target.stop()
+        print_run(result, out)
+        out.flush()
+        if result["verdict"] != "untrusted" or attempt == 2:
+            return result
+        out.write("   (untrusted: running it once more)\n")
+
+
+# === GROUND TRUTH AND VERDICT ===
 
 
 def percentile(values, q):
@@ -918,6 +999,9 @@ def judge(scenario, figures):
             reasons.append(f"{figure} = {value}, needs {op} {bound}")
             verdict = "fail"
     return verdict, reasons
+
+
+# === REPORTS ===
 
 
 def fmt(value, unit=""):
@@ -1337,15 +1421,6 @@ def plan_runs(args):
     return runs
 
 
-def capacity_of(payment_stats):
-    """C from payment's /stats when it is a sane number, else the default: a /stats answer must
-    not be able to size a load past the limits the command line is held to."""
-    value = (payment_stats or {}).get("capacity_rps")
-    if isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value <= MAX_CAPACITY_RPS:
-        return value
-    return DEFAULT_CAPACITY_RPS
-
-
 def raise_open_files_limit(wanted=OPEN_FILES_WANTED):
     """Raise the soft open-files limit toward `wanted` (the versions it starts inherit it).
     Returns a one-line note when it stays below, else None."""
@@ -1367,77 +1442,6 @@ def raise_open_files_limit(wanted=OPEN_FILES_WANTED):
                 f"{'unlimited' if hard == unlimited else hard}): a heavy load may count 'conn' errors "
                 "that are this machine's, not the target's")
     return None
-
-
-def make_progress(enabled):
-    """A one-line live status on stderr when it is a terminal."""
-    def progress(text):
-        if enabled:
-            sys.stderr.write("\r\033[K" + text)
-            sys.stderr.flush()
-    return progress
-
-
-async def run_all(args, out):
-    """Every planned cell (version x scenario) in turn, on fresh processes; then the matrix, which is printed
-    even after Ctrl-C for what was measured, and for one --target, the three lines of its story."""
-    runs = plan_runs(args)  # parse_args has already refused anything this would raise on
-    progress = make_progress(sys.stderr.isatty())
-    if args.probe:
-        target = Target.spawn(runs[0][0], args.seed)
-        try:
-            capacity = args.capacity or capacity_of(await stats(target, "payment"))
-            return [await probe(target, capacity, args.quick, out, args.rate)]
-        finally:
-            target.stop()
-    results, cells, started = [], [(path, name) for path, names in runs for name in names], time.monotonic()
-    try:
-        for done, (path, name) in enumerate(cells):
-            def cell_progress(text, done=done):
-                elapsed = time.monotonic() - started
-                left = f" · ~{elapsed / done * (len(cells) - done) / 60:.0f} min left" if done else ""
-                progress(f"[{done + 1}/{len(cells)} · {elapsed / 60:.0f} min{left}] {text}" if text else "")
-            result = await run_cell(args, path, name, cell_progress, out)
-            if result:
-                results.append(result)
-    finally:  # Ctrl-C too: the matrix of what was measured
-        if results and (len(runs) > 1 or args.compare):
-            print_matrix(results, out)
-    if args.target and results:
-        print_story(results, out)
-    return results
-
-
-async def run_cell(args, path, name, progress, out):
-    """One scenario on one version (or the --url target), printed; an untrusted run is run once more."""
-    if args.url:
-        urls = {"orders": args.url.rstrip("/")}
-        urls.update({k: v.rstrip("/") for k, v in (("payment", args.payment_url),
-                                                    ("shipping", args.shipping_url)) if v})
-        target = Target(urls["orders"], urls)
-        faulty = any(p["payment"] or p["shipping"] for p in SCENARIOS[name]["phases"])
-        if faulty and not (args.payment_url and args.shipping_url):
-            out.write(f"\n== {name}: skipped: its faults need --payment-url and --shipping-url\n")
-            return None
-    for attempt in (1, 2):
-        if not args.url:
-            target = Target.spawn(path, args.seed)
-        try:
-            # C: --capacity, else what payment says. --rate, if given, sets the offered load instead.
-            capacity = args.capacity or capacity_of(await stats(target, "payment"))
-            problem = plan_problem(name, SCENARIOS[name], capacity, args.quick, args.duration, args.rate)
-            if problem:  # C read from /stats can differ from the default parse_args checked with
-                raise SystemExit(f"refusing to run: {problem}")
-            result = await run_scenario(target, name, capacity, args.quick, args.seed, progress, args.duration,
-                                        rate_rps=args.rate)
-        finally:
-            if target.proc:
-                target.stop()
-        print_run(result, out)
-        out.flush()
-        if result["verdict"] != "untrusted" or attempt == 2:
-            return result
-        out.write("   (untrusted: running it once more)\n")
 
 
 class OneLineParser(argparse.ArgumentParser):
