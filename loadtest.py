@@ -602,120 +602,148 @@ async def scrape_alerts(url, history):
     return firing
 
 
+class Run:
+    """One scenario against one target: its plan, and everything measured while it runs (the steps below
+    fill it in: the load, the chaos, the samples, the drain; summarise() reads it)."""
+
+    def __init__(self, target, scenario_name, capacity_rps, quick, seed, duration_s=None, rate_rps=None):
+        self.target, self.name, self.capacity_rps, self.quick = target, scenario_name, capacity_rps, quick
+        self.scenario = SCENARIOS[scenario_name]
+        self.plan, self.phases = make_plan(self.scenario, capacity_rps, quick, seed, duration_s, rate_rps)
+        self.run_id = f"{scenario_name}-{seed}-{os.getpid()}-{int(time.time() * 1000) % 10**8}"
+        self.seed, self.load, self.before, self.after = seed, None, None, None
+        self.acked, self.sent = {}, {}  # ref -> when its 201 came; ref -> when it was sent (s into the run)
+        self.samples, self.problems = [], []  # problems: the run did not do what the scenario says
+        self.alert = {"metrics": False, "at": None}  # the target has /metrics; the first alert: (seconds, rule)
+        self.alert_history = []
+
+
 async def run_scenario(target, scenario_name, capacity_rps, quick, seed, progress, duration_s=None, rate_rps=None):
     """Drive one scenario against one target and return the run's result dict.
 
     capacity_rps is C (checks judge goodput against it); rate_rps, if given, is what the first
     phase offers (--rate), else loads are multiples of C."""
-    scenario = SCENARIOS[scenario_name]
-    plan, phases = make_plan(scenario, capacity_rps, quick, seed, duration_s, rate_rps)
-    orders = urlsplit(target.urls["orders"])
-    host, port = orders.hostname, orders.port
-    run_id = f"{scenario_name}-{seed}-{os.getpid()}-{int(time.time() * 1000) % 10**8}"
-    refs, ids, acked, sent = iter(range(10**9)), [], {}, {}  # acked: ref -> time of the 201; sent: ref -> sent at
-    rng = random.Random(seed + 1)
-    retries = scenario.get("client_retries", 0)
-    loop = asyncio.get_running_loop()
+    run, loop = Run(target, scenario_name, capacity_rps, quick, seed, duration_s, rate_rps), asyncio.get_running_loop()
+    run.load = Load(run.plan, request_maker(run))
+    run.before = {role: await stats(target, role) for role in ("payment", "shipping")}
+    for role in ("payment", "shipping"):
+        await set_chaos(target, role, {})
+    run.load.t0 = loop.time() + 0.05
+    driver, sampling = asyncio.ensure_future(drive_chaos(run)), asyncio.ensure_future(sample(run))
+    try:
+        await run.load.run(tick_reporter(run, progress))
+    finally:
+        driver.cancel()
+        for role in ("payment", "shipping"):
+            await set_chaos(target, role, {})
+    await drain_fulfilment(run, progress)
+    sampling.cancel()
+    run.after = {role: await stats(target, role, refs=True) for role in ("payment", "shipping")}
+    progress("")
+    result = summarise(run)
+    if run.problems:  # the run did not do what the scenario says: never report it as a pass
+        result["verdict"], result["reasons"] = "fail", run.problems + result["reasons"]
+    return result
+
+
+def request_maker(run):
+    """What Load asks for each planned request: POST an order (with a ref and a key), or GET a placed one."""
+    orders = urlsplit(run.target.urls["orders"])
+    host, port, loop = orders.hostname, orders.port, asyncio.get_running_loop()
+    refs, ids, rng = iter(range(10**9)), [], random.Random(run.seed + 1)
+    retries = run.scenario.get("client_retries", 0)
 
     def make_request(kind):
         if kind == "get" and ids:
             request = build_request("GET", host, port, f"/orders/{rng.choice(ids)}")
             return [(host, port, request, lambda s, b: None, False)]
-        ref = f"{run_id}-{next(refs)}"
-        sent[ref] = loop.time() - load.t0
+        ref = f"{run.run_id}-{next(refs)}"
+        run.sent[ref] = loop.time() - run.load.t0
         body = {"item": rng.choice(["book", "mug", "pen"]), "qty": rng.randint(1, 3), "customer": "load", "ref": ref}
         request = build_request("POST", host, port, "/orders", body, {"Idempotency-Key": ref})
 
         def on_answer(status, data):
             if status == 201:
-                acked.setdefault(ref, loop.time() - load.t0)
-                if scenario.get("get_share"):
+                run.acked.setdefault(ref, loop.time() - run.load.t0)
+                if run.scenario.get("get_share"):
                     try:
                         ids.append(json.loads(data)["order_id"])
                     except (ValueError, KeyError, TypeError):
                         pass
         return [(host, port, request, on_answer, True)] * (1 + retries)
+    return make_request
 
-    load = Load(plan, make_request)
-    before = {role: await stats(target, role) for role in ("payment", "shipping")}
-    samples, alert_history, problems = [], [], []
-    alert = {"metrics": False, "at": None}  # the target has /metrics; when the first alert fired: (seconds, rule)
-    for role in ("payment", "shipping"):
-        await set_chaos(target, role, {})
 
-    async def chaos_driver():
-        current = {"payment": {}, "shipping": {}}
-        for ph in phases:
-            await asyncio.sleep(max(0.0, load.t0 + ph["start"] - loop.time()))
-            for role in ("payment", "shipping"):
-                if ph[role] != current[role]:
-                    if not await set_chaos(target, role, ph[role]):
-                        problems.append(f"could not set {role} chaos {ph[role]} at {ph['start']:.0f} s")
-                    current[role] = ph[role]
+async def drive_chaos(run):
+    """Set each phase's faults on payment and shipping when the phase begins."""
+    loop, current = asyncio.get_running_loop(), {"payment": {}, "shipping": {}}
+    for ph in run.phases:
+        await asyncio.sleep(max(0.0, run.load.t0 + ph["start"] - loop.time()))
+        for role in ("payment", "shipping"):
+            if ph[role] != current[role]:
+                if not await set_chaos(run.target, role, ph[role]):
+                    run.problems.append(f"could not set {role} chaos {ph[role]} at {ph['start']:.0f} s")
+                current[role] = ph[role]
 
-    async def sampler():
-        cpu_before, orders_before = cpu_times(), (None, None)
-        try:
-            alert["metrics"] = (await fetch_json(target.urls["orders"] + "/metrics"))[0] == 200  # from v0.8 on
-        except (OSError, TimeoutError):
-            pass
-        while True:
-            t = loop.time() - load.t0
-            pay, ship = await stats(target, "payment"), await stats(target, "shipping")
-            threads, rss, orders_cpu_s = target.process_sample()
-            orders_cpu = None  # % of one core, the orders process alone
-            if orders_cpu_s is not None and orders_before[0] is not None and t > orders_before[1]:
-                orders_cpu = round(100 * (orders_cpu_s - orders_before[0]) / (t - orders_before[1]))
-            orders_before = (orders_cpu_s, t)
-            cpu_now, cpu_pct = cpu_times(), None
-            if cpu_before and cpu_now and cpu_now[0] > cpu_before[0]:  # machine busy %, all cores = 100
-                cpu_pct = round(100 * (1 - (cpu_now[1] - cpu_before[1]) / (cpu_now[0] - cpu_before[0])))
-            cpu_before = cpu_now
-            samples.append({"t": t, "threads": threads, "rss_mb": rss, "cpu_pct": cpu_pct, "orders_cpu_pct": orders_cpu,
+
+async def sample(run):
+    """Every SAMPLE_EVERY_S: the orders process (threads, memory, CPU), the machine's CPU, the simulators'
+    queues and shipments, and the alert rules on /metrics where there is one."""
+    loop, target, before = asyncio.get_running_loop(), run.target, run.before
+    cpu_before, orders_before = cpu_times(), (None, None)
+    try:
+        run.alert["metrics"] = (await fetch_json(target.urls["orders"] + "/metrics"))[0] == 200  # from v0.8 on
+    except (OSError, TimeoutError):
+        pass
+    while True:
+        t = loop.time() - run.load.t0
+        pay, ship = await stats(target, "payment"), await stats(target, "shipping")
+        threads, rss, orders_cpu_s = target.process_sample()
+        orders_cpu = None  # % of one core, the orders process alone
+        if orders_cpu_s is not None and orders_before[0] is not None and t > orders_before[1]:
+            orders_cpu = round(100 * (orders_cpu_s - orders_before[0]) / (t - orders_before[1]))
+        orders_before = (orders_cpu_s, t)
+        cpu_now, cpu_pct = cpu_times(), None
+        if cpu_before and cpu_now and cpu_now[0] > cpu_before[0]:  # machine busy %, all cores = 100
+            cpu_pct = round(100 * (1 - (cpu_now[1] - cpu_before[1]) / (cpu_now[0] - cpu_before[0])))
+        cpu_before = cpu_now
+        run.samples.append({"t": t, "threads": threads, "rss_mb": rss, "cpu_pct": cpu_pct,
+                            "orders_cpu_pct": orders_cpu,
                             "shipped": ship["unique_refs"] - before["shipping"]["unique_refs"]
                             if ship and before["shipping"] else None,
                             "payment_queue": pay["queue_depth"] if pay else None,
                             "held_open": pay["held_open"] if pay else None})
-            if alert["at"] is None and alert["metrics"]:  # in every scenario: a false alarm counts too
-                firing = await scrape_alerts(target.urls["orders"], alert_history)
-                if firing:
-                    alert["at"] = (t, firing[0])
-            await asyncio.sleep(SAMPLE_EVERY_S)
+        if run.alert["at"] is None and run.alert["metrics"]:  # in every scenario: a false alarm counts too
+            firing = await scrape_alerts(target.urls["orders"], run.alert_history)
+            if firing:
+                run.alert["at"] = (t, firing[0])
+        await asyncio.sleep(SAMPLE_EVERY_S)
 
-    total_s, shown = phases[-1]["end"], [0.0]
+
+def tick_reporter(run, progress):
+    """Load.run's on_tick: the live progress line, at most twice a second."""
+    total_s, shown = run.phases[-1]["end"], [0.0]
 
     def on_tick(t):
         if t - shown[0] < 0.5:
             return
         shown[0] = t
-        progress(f"{target.name} {scenario_name}: {min(t, total_s):5.1f}/{total_s:.0f} s  "
-                 f"in flight {load.in_flight:5d}  done {len(load.records):6d}")
+        progress(f"{run.target.name} {run.name}: {min(t, total_s):5.1f}/{total_s:.0f} s  "
+                 f"in flight {run.load.in_flight:5d}  done {len(run.load.records):6d}")
+    return on_tick
 
-    load.t0 = loop.time() + 0.05
-    driver, sampling = asyncio.ensure_future(chaos_driver()), asyncio.ensure_future(sampler())
-    try:
-        await load.run(on_tick)
-    finally:
-        driver.cancel()
-        for role in ("payment", "shipping"):
-            await set_chaos(target, role, {})
-    # Drain: give fulfilment time to ship what was acknowledged, then read ground truth.
-    drain_deadline = loop.time() + (4 if quick else 10)
-    while loop.time() < drain_deadline and before["shipping"]:
-        ship = await stats(target, "shipping")
-        if ship is None or ship["unique_refs"] - before["shipping"]["unique_refs"] >= len(acked):
+
+async def drain_fulfilment(run, progress):
+    """Give fulfilment time to ship what was acknowledged (4 s quick, else 10 s) before ground truth is read."""
+    loop, before = asyncio.get_running_loop(), run.before["shipping"]
+    deadline = loop.time() + (4 if run.quick else 10)
+    while loop.time() < deadline and before:
+        ship = await stats(run.target, "shipping")
+        if ship is None or ship["unique_refs"] - before["unique_refs"] >= len(run.acked):
             break
-        progress(f"{target.name} {scenario_name}: draining fulfilment, "
-                 f"{len(acked) - ship['unique_refs'] + before['shipping']['unique_refs']} orders not shipped yet")
+        progress(f"{run.target.name} {run.name}: draining fulfilment, "
+                 f"{len(run.acked) - ship['unique_refs'] + before['unique_refs']} orders not shipped yet")
         await asyncio.sleep(0.25)
-    sampling.cancel()
-    after = {role: await stats(target, role, refs=True) for role in ("payment", "shipping")}
-    progress("")
-    result = summarise(target, scenario_name, load, phases, capacity_rps, acked, sent, samples, before, after,
-                       run_id, alert)
-    if problems:  # the run did not do what the scenario says: never report it as a pass
-        result["verdict"], result["reasons"] = "fail", problems + result["reasons"]
-    return result
 
 
 def capacity_of(payment_stats):
@@ -815,10 +843,11 @@ def latency_summary(latencies_s):
             for name, q in (("p50", 50), ("p90", 90), ("p99", 99), ("p999", 99.9), ("max", 100))}
 
 
-def summarise(target, scenario_name, load, phases, capacity_rps, acked, sent, samples, before, after, run_id,
-              alert):
+def summarise(run):
     """Everything a run measured, the figures the checks use, and the verdict."""
-    scenario, recs = SCENARIOS[scenario_name], load.records
+    target, scenario_name, load, phases, capacity_rps = run.target, run.name, run.load, run.phases, run.capacity_rps
+    acked, sent, samples, before, after, alert = run.acked, run.sent, run.samples, run.before, run.after, run.alert
+    scenario, recs, run_id = run.scenario, load.records, run.run_id
     fault = [p for p in phases if p["fault"]]
     fault_start = fault[0]["start"] if fault else None
     fault_end = fault[-1]["end"] if fault else None
