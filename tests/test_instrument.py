@@ -71,6 +71,19 @@ async def serve(delay, **kw):
     return server, server.sockets[0].getsockname()[1]
 
 
+def load_against(delay, plan, serve_kw=None, requester_kw=None, **load_kw):
+    """Run a Load over `plan` against a Behaviour server (`delay`, **serve_kw); return the finished Load."""
+    async def main():
+        server, port = await serve(delay, **(serve_kw or {}))
+        try:
+            load = loadtest.Load(plan, requester(port, **(requester_kw or {})), **load_kw)
+            await load.run()
+            return load
+        finally:
+            server.close()
+    return asyncio.run(main())
+
+
 def requester(port, attempts=1, retry=False, answers=None):
     """make_request for Load: POST /orders to 127.0.0.1:port, `attempts` attempts."""
     request = loadtest.build_request("POST", "127.0.0.1", port, "/orders", {"item": "book", "qty": 1})
@@ -357,16 +370,7 @@ def test_client_timeout_against_a_server_that_never_answers():
     timeout_s = 0.5
     plan = constant_plan(50, 0.2)  # 10 requests
 
-    async def main():
-        server, port = await serve(lambda now: None)
-        try:
-            load = loadtest.Load(plan, requester(port), client_timeout_s=timeout_s)
-            await load.run()
-            return load
-        finally:
-            server.close()
-
-    recs = asyncio.run(main()).records
+    recs = load_against(lambda now: None, plan, client_timeout_s=timeout_s).records
     assert len(recs) == len(plan)
     for r in recs:
         assert r.outcome == "timeout" and r.status == 0, r
@@ -396,16 +400,7 @@ def test_in_flight_cap_counts_requests_over_it(plan):
     """10 requests against a server that never answers, cap 3: 3 time out, 7 are counted as capped,
     whether they arrive 10 ms apart or all at once (the cap is counted at launch, not at first run)."""
 
-    async def main():
-        server, port = await serve(lambda now: None)
-        try:
-            load = loadtest.Load(plan, requester(port), client_timeout_s=0.4, max_in_flight=3)
-            await load.run()
-            return load
-        finally:
-            server.close()
-
-    recs = asyncio.run(main()).records
+    recs = load_against(lambda now: None, plan, client_timeout_s=0.4, max_in_flight=3).records
     assert len(recs) == len(plan), "capped requests are counted, never silently dropped"
     assert sorted(r.outcome for r in recs) == ["capped"] * 7 + ["timeout"] * 3
 
@@ -415,16 +410,8 @@ def test_retrying_clients_record_attempts(status, outcome, attempts):
     plan = constant_plan(100, 0.05)  # 5 logical requests, each may try 3 times
     answers = []
 
-    async def main():
-        server, port = await serve(lambda now: 0, status=status, body=b"{}")
-        try:
-            load = loadtest.Load(plan, requester(port, attempts=3, retry=True, answers=answers), client_timeout_s=2)
-            await load.run()
-            return load
-        finally:
-            server.close()
-
-    recs = asyncio.run(main()).records
+    recs = load_against(lambda now: 0, plan, {"status": status, "body": b"{}"},
+                        {"attempts": 3, "retry": True, "answers": answers}, client_timeout_s=2).records
     assert len(recs) == len(plan)
     assert {(r.outcome, r.status, r.attempts) for r in recs} == {(outcome, status, attempts)}
     assert len(answers) == len(plan) * attempts and {a[0] for a in answers} == {status}
