@@ -704,6 +704,14 @@ def test_normal_exit_leaves_no_process_behind():
         lt.communicate()
 
 
+def wait_until_under_load(version, lt):
+    """v0_1 has 4 resident threads once it is ready; under load its thread-per-connection server has more."""
+    deadline = time.monotonic() + 20
+    while threads_of(version) < 5 and time.monotonic() < deadline and lt.poll() is None:
+        time.sleep(0.005)
+    assert threads_of(version) >= 5, "the load never started (or the version died)"
+
+
 # === 12. Ctrl-C and SIGTERM clean up ===============================================================
 
 
@@ -718,11 +726,7 @@ def test_interrupt_stops_everything(sig, when):
         assert version is not None, "did not see the version process start"
         assert stat_of(version)[2] == version, "the version runs in its own process group"
         if when == "under-load":
-            # v0_1 has 4 resident threads once it is ready; under load its thread-per-connection server has more.
-            deadline = time.monotonic() + 20
-            while threads_of(version) < 5 and time.monotonic() < deadline and lt.poll() is None:
-                time.sleep(0.005)
-            assert threads_of(version) >= 5, "the load never started (or the version died)"
+            wait_until_under_load(version, lt)
         assert lt.poll() is None, "loadtest ended before it was interrupted"
         os.kill(lt.pid, sig)
         started = time.monotonic()
@@ -769,10 +773,7 @@ def test_kill_9_of_loadtest_orphans_nothing():
     try:
         version = find_child(lt.pid, "v0_1_naive.py", lt)
         assert version is not None, "did not see the version process start"
-        deadline = time.monotonic() + 20  # under load: long past READY and its banner
-        while threads_of(version) < 5 and time.monotonic() < deadline and lt.poll() is None:
-            time.sleep(0.005)
-        assert threads_of(version) >= 5, "the load never started (or the version died)"
+        wait_until_under_load(version, lt)  # long past READY and its banner
         os.kill(lt.pid, signal.SIGKILL)
         lt.communicate(timeout=15)
         assert wait_group_gone(version, 10.0), f"left behind: {live_group(version)}"
