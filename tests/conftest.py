@@ -14,9 +14,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from loadtest import group_alive  # noqa: E402  (one definition of "still running", zombie-aware)
-
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # for `import loadtest`
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VERSIONS = sorted(glob.glob(os.path.join(ROOT, "v[01]_[0-9]_*.py")))
 LOADTEST = os.path.join(ROOT, "loadtest.py")
@@ -34,6 +32,60 @@ def load_version(path):
     return module
 
 
+def proc_stat(pid):
+    """(state, ppid, pgrp) of a process from /proc, or None if it is gone (or there is no /proc)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return fields[0], int(fields[1]), int(fields[2])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def proc_cmdline(pid):
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+    except OSError:
+        return ""
+
+
+def group_members(pgid):
+    """The live (not zombie) processes of a process group, "pid [state] command" each. Read here, from /proc,
+    not with loadtest's own check: a test must not trust the code it tests. Without /proc: killpg(pgid, 0)."""
+    if not os.path.isdir("/proc"):
+        try:
+            os.killpg(pgid, 0)
+            return [f"process group {pgid} (no /proc to list it)"]
+        except (ProcessLookupError, PermissionError):
+            return []
+    members = []
+    for pid in (int(p) for p in os.listdir("/proc") if p.isdigit()):
+        stat = proc_stat(pid)
+        if stat and stat[2] == pgid and stat[0] != "Z":  # some inits never reap zombies: they are not running
+            members.append(f"{pid} [{stat[0]}] {proc_cmdline(pid)}")
+    return members
+
+
+def group_alive(pgid):
+    return bool(group_members(pgid))
+
+
+def read_ready(proc, timeout_s=20.0, seen=None):
+    """The URLs of a process's READY line, waited for as a condition with a deadline (never a sleep), or None
+    if it exits or the deadline passes first; `seen` collects the other lines, for a failure message."""
+    deadline = time.monotonic() + timeout_s
+    while select.select([proc.stdout], [], [], max(0.0, deadline - time.monotonic()))[0]:
+        line = proc.stdout.readline()
+        if line.startswith("READY "):
+            return json.loads(line[6:])
+        if not line:
+            return None
+        if seen is not None:
+            seen.append(line)
+    return None
+
+
 class Service:
     """A version file running as `python vX.py --port 0`, in its own process group."""
 
@@ -44,19 +96,12 @@ class Service:
         self.urls = self.wait_ready(ready_timeout_s)
 
     def wait_ready(self, timeout_s):
-        """Wait for the READY line (a condition, not a sleep)."""
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if not select.select([self.proc.stdout], [], [], max(0.0, deadline - time.monotonic()))[0]:
-                break
-            line = self.proc.stdout.readline()
-            if line.startswith("READY "):
-                return json.loads(line[6:])
-            if not line:
-                break
-        self.stop()
-        self.log.seek(0)
-        raise AssertionError(f"no READY line; stderr: {self.log.read()[-2000:]}")
+        urls = read_ready(self.proc, timeout_s)
+        if urls is None:
+            self.stop()
+            self.log.seek(0)
+            raise AssertionError(f"no READY line; stderr: {self.log.read()[-2000:]}")
+        return urls
 
     def stderr(self):
         self.log.seek(0)

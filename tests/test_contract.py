@@ -6,7 +6,6 @@ Nothing here sleeps to synchronise: every wait polls a condition against a deadl
 """
 import json
 import os
-import select
 import signal
 import socket
 import subprocess
@@ -16,7 +15,7 @@ from http.client import HTTPException
 from urllib.parse import urlsplit
 
 import pytest
-from conftest import Service, request, version_id
+from conftest import Service, group_members, read_ready, request, version_id
 
 ORDER = {"item": "book", "qty": 2, "customer": "ada", "ref": "r1"}
 JSON_HEADERS = {"Content-Type": "application/json"}
@@ -358,22 +357,6 @@ def test_payment_ground_truth_counts_the_ref(service):
 # === PROCESSES ===
 
 
-def group_members(pgid):
-    """The processes still in a process group (Linux /proc), for failure messages."""
-    members = []
-    for pid in filter(str.isdigit, os.listdir("/proc") if os.path.isdir("/proc") else []):
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                cmd = f.read().replace(b"\0", b" ").decode(errors="replace").strip()
-        except OSError:
-            continue
-        if int(fields[2]) == pgid:
-            members.append(f"{pid} [{fields[0]}] {cmd}")
-    return members
-
-
 def test_help(version_path):
     proc = subprocess.run([sys.executable, version_path, "--help"], capture_output=True, text=True, timeout=30,
                           stdin=subprocess.DEVNULL, check=False)
@@ -430,15 +413,10 @@ def start_role(version_path, role, timeout_s=20.0):
     """Start one simulator alone in its own session; return (process, its URL from the READY line)."""
     proc = subprocess.Popen([sys.executable, version_path, "--role", role, "--port", "0"], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True, start_new_session=True)
-    deadline, lines = time.monotonic() + timeout_s, []
-    while select.select([proc.stdout], [], [], max(0.0, deadline - time.monotonic()))[0]:
-        line = proc.stdout.readline()
-        if not line:
-            break
-        urls = json.loads(line[6:]) if line.startswith("READY ") else {}
-        if role in urls:
-            return proc, urls[role]
-        lines.append(line)
+    lines = []
+    urls = read_ready(proc, timeout_s, lines) or {}
+    if role in urls:
+        return proc, urls[role]
     stop_role(proc)
     raise AssertionError(f"--role {role}: no READY line with a {role} URL within {timeout_s} s; output: {lines}")
 

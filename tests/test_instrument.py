@@ -18,7 +18,7 @@ import sys
 import time
 
 import pytest
-from conftest import LOADTEST, ROOT, run_loadtest
+from conftest import LOADTEST, ROOT, group_members, proc_cmdline, proc_stat, read_ready, run_loadtest
 
 sys.path.insert(0, ROOT)
 import loadtest  # noqa: E402
@@ -106,22 +106,7 @@ def lat(records):
 # --- helpers: processes (Linux /proc; only processes this file started) --------------------------
 
 
-def stat_of(pid):
-    """(state, ppid, pgrp) of a process, or None if it is gone."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return fields[0], int(fields[1]), int(fields[2])
-    except (OSError, IndexError, ValueError):
-        return None
-
-
-def cmdline_of(pid):
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return f.read().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return ""
+stat_of, cmdline_of = proc_stat, proc_cmdline  # (state, ppid, pgrp); the command line
 
 
 def all_pids():
@@ -137,8 +122,8 @@ def threads_of(pid):
 
 
 def live_group(pgid):
-    """True while a non-zombie member of the group runs (loadtest's own zombie-aware check)."""
-    return loadtest.group_alive(pgid)
+    """The group's live members, read from /proc by conftest, not with loadtest's own check."""
+    return group_members(pgid)
 
 
 def wait_group_gone(pgid, timeout_s):
@@ -828,15 +813,9 @@ def test_trivial_responder_answers_an_open_loop():
     proc = subprocess.Popen([sys.executable, LOADTEST, "--responder", "trivial"], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True, start_new_session=True)
     try:
-        deadline, line = time.monotonic() + 20, ""
-        while time.monotonic() < deadline and not line.startswith("READY "):
-            if not select.select([proc.stdout], [], [], max(0.0, deadline - time.monotonic()))[0]:
-                break
-            line = proc.stdout.readline()
-            if not line:
-                break
-        assert line.startswith("READY "), line
-        url = json.loads(line[6:])["orders"]
+        urls = read_ready(proc, 20)
+        assert urls, "the responder printed no READY line"
+        url = urls["orders"]
         host, port = url.split("//")[1].rsplit(":", 1)
         assert host == "127.0.0.1"
         plan = constant_plan(200, 1.0, kind="get")

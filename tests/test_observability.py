@@ -11,7 +11,7 @@ import sys
 import time
 
 import pytest
-from conftest import request, service_fixture, version_id, versions_from
+from conftest import read_ready, request, service_fixture, version_id, versions_from
 
 OBSERVED = versions_from("v0_8")
 
@@ -39,9 +39,9 @@ def test_a_stderr_nobody_reads_never_stops_the_service(path):
     proc = subprocess.Popen([sys.executable, path, "--port", "0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             stdin=subprocess.DEVNULL, text=True, start_new_session=True)
     try:
-        line = proc.stdout.readline()
-        assert line.startswith("READY "), line
-        orders = json.loads(line[6:])["orders"]
+        urls = read_ready(proc, 20)
+        assert urls, "no READY line"
+        orders = urls["orders"]
         for i in range(800):  # ~150 bytes of log each: about twice what the pipe holds
             assert request(orders + f"/no-such-path-{i}", timeout_s=5)[0] == 404
         assert request(orders + "/health", timeout_s=5)[0] == 200
