@@ -516,9 +516,10 @@ class OrdersHandler(BaseHTTPRequestHandler):
             fields = parse_order(body)
         except ValidationError as exc:
             return self.error(400, "invalid order", str(exc))
-        key = self.headers.get("Idempotency-Key")
-        if key is not None and not 1 <= len(key) <= 255:
-            return self.error(400, "invalid Idempotency-Key", "it must be 1 to 255 characters")
+        keys = self.headers.get_all("Idempotency-Key")  # two are a 400: which one would we honour?
+        key = None if keys is None else keys[0].strip(" \t")  # RFC 9110 section 5.5: no whitespace around a value
+        if keys is not None and (len(keys) > 1 or not 1 <= len(key) <= 255):
+            return self.error(400, "invalid Idempotency-Key", "send one, of 1 to 255 characters")
         refusal = admit()  # after validation: bad input hears "400, fix it", never "503, retry"
         if refusal:
             METRICS.add("orders_rejected_total", reason=refusal[1].replace(" ", "_"))

@@ -4,7 +4,10 @@ Same key and body -> the first answer replayed; another body -> 422; still in fl
 identical POSTs at once -> one order, one charge. Expiry and the store's bound are tested on the
 class itself with a fake clock (nobody waits ten minutes).
 """
+import json
+import socket
 import threading
+from urllib.parse import urlsplit
 
 import pytest
 from conftest import VERSIONS, Service, load_version, request, service_fixture, version_id, versions_from
@@ -53,6 +56,21 @@ def test_same_key_other_body_is_422(svc):
 def test_bad_key_is_400(svc):
     status, _, body = post(svc, "k" * 256, dict(ORDER, ref="idem-long"))
     assert status == 400 and "Idempotency-Key" in body["error"]
+    order = json.dumps(dict(ORDER, ref="idem-two")).encode()
+    raw = (b"POST /orders HTTP/1.1\r\nHost: x\r\nIdempotency-Key: k-1\r\nIdempotency-Key: k-2\r\n"
+           b"Content-Length: %d\r\n\r\n%s" % (len(order), order))
+    parts = urlsplit(svc.urls["orders"])
+    with socket.create_connection((parts.hostname, parts.port), timeout=10) as sock:
+        sock.sendall(raw)
+        answer = b"".join(iter(lambda: sock.recv(4096), b""))  # to the close: headers and body may come apart
+    assert answer.startswith(b"HTTP/1.0 400") and b"Idempotency-Key" in answer, "two keys: which one? a 400"
+
+
+def test_whitespace_around_a_key_is_not_part_of_it(svc):
+    body = dict(ORDER, ref="idem-ws")
+    first = not_shed(lambda: post(svc, "ws-key", body))
+    assert first[0] == 201, first
+    assert not_shed(lambda: post(svc, "ws-key \t", body))[2] == first[2], "the same key: the first answer replayed"
 
 
 def test_twenty_identical_posts_at_once_make_one_order_and_one_charge(svc):
