@@ -1580,6 +1580,7 @@ def print_list(out):
 def main(argv=None):
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM cleans up like Ctrl-C
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # even if started ignoring it (a background job)
     note = raise_open_files_limit()
     if note and not (args.responder or args.list):  # said once, by the process that drives the load
         sys.stderr.write(note + "\n")

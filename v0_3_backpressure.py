@@ -683,6 +683,7 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=SEED, help="seed of the simulators' chaos (default %(default)s)")
     args = parser.parse_args(argv)
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM stops us like Ctrl-C
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # even if started ignoring it (a background job)
     try:  # a pile-up holds thousands of sockets: lift the soft fd limit where the OS lets us
         import resource
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
