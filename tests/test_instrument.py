@@ -6,6 +6,7 @@ with reasons, loopback-only safety, the CLI and the JSON shape, and cleanup on e
 Every server here is an in-test asyncio server on 127.0.0.1 or a process this file starts.
 """
 import asyncio
+import contextlib
 import io
 import json
 import math
@@ -152,6 +153,22 @@ def kill_group(pgid):
         os.killpg(pgid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         pass
+
+
+@contextlib.contextmanager
+def loadtest_and_its_version(*args):
+    """loadtest.py --target v0_1 ... in its own session, and the pid of the v0_1 it starts (None if not seen);
+    both process groups are killed afterwards, whatever the test did."""
+    lt, version = start_loadtest(*args), None
+    try:
+        version = find_child(lt.pid, "v0_1_naive.py", lt)
+        yield lt, version
+    finally:
+        kill_group(lt.pid)
+        if version:
+            kill_group(version)
+        if lt.poll() is None:
+            lt.communicate()
 
 
 def start_loadtest(*args):
@@ -672,21 +689,14 @@ def test_json_shape_and_html_report_of_a_quick_steady_run(tmp_path):
 
 @pytest.mark.skipif(not HAS_PROC, reason="needs /proc to find the version's process")
 def test_normal_exit_leaves_no_process_behind():
-    lt = start_loadtest("--target", "v0_1", "--scenario", "steady", "--quick", "--duration", "1")
-    version = None
-    try:
-        version = find_child(lt.pid, "v0_1_naive.py", lt)
+    with loadtest_and_its_version("--target", "v0_1", "--scenario", "steady", "--quick", "--duration", "1") as (
+            lt, version):
         out, err = lt.communicate(timeout=120)
         assert lt.returncode == 0, err[-2000:]
         assert "steady" in out
         assert version is not None, "did not see the version process while loadtest ran"
         assert wait_group_gone(version, 3.0), f"left behind: {live_group(version)}"
         assert wait_group_gone(lt.pid, 3.0)
-    finally:
-        kill_group(lt.pid)
-        if version:
-            kill_group(version)
-        lt.communicate()
 
 
 def wait_until_under_load(version, lt):
@@ -704,10 +714,7 @@ def wait_until_under_load(version, lt):
 @pytest.mark.parametrize("when", ["under-load", "while-starting"])
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_interrupt_stops_everything(sig, when):
-    lt = start_loadtest("--target", "v0_1", "--scenario", "steady", "--quick")
-    version = None
-    try:
-        version = find_child(lt.pid, "v0_1_naive.py", lt)
+    with loadtest_and_its_version("--target", "v0_1", "--scenario", "steady", "--quick") as (lt, version):
         assert version is not None, "did not see the version process start"
         assert stat_of(version)[2] == version, "the version runs in its own process group"
         if when == "under-load":
@@ -721,12 +728,6 @@ def test_interrupt_stops_everything(sig, when):
         assert "interrupted" in err
         assert wait_group_gone(version, 5.0), f"left behind: {live_group(version)}"
         assert wait_group_gone(lt.pid, 5.0)
-    finally:
-        kill_group(lt.pid)
-        if version:
-            kill_group(version)
-        if lt.poll() is None:
-            lt.communicate()
 
 
 def test_ctrl_c_still_prints_the_matrix_of_what_was_measured():
@@ -753,19 +754,12 @@ def test_ctrl_c_still_prints_the_matrix_of_what_was_measured():
 @pytest.mark.skipif(not HAS_PROC, reason="needs /proc to find the version's process")
 def test_kill_9_of_loadtest_orphans_nothing():
     """SIGKILL cannot be caught: the version notices its parent is gone and stops itself and its children."""
-    lt = start_loadtest("--target", "v0_1", "--scenario", "steady", "--quick")
-    version = None
-    try:
-        version = find_child(lt.pid, "v0_1_naive.py", lt)
+    with loadtest_and_its_version("--target", "v0_1", "--scenario", "steady", "--quick") as (lt, version):
         assert version is not None, "did not see the version process start"
         wait_until_under_load(version, lt)  # long past READY and its banner
         os.kill(lt.pid, signal.SIGKILL)
         lt.communicate(timeout=15)
         assert wait_group_gone(version, 10.0), f"left behind: {live_group(version)}"
-    finally:
-        kill_group(lt.pid)
-        if version:
-            kill_group(version)
 
 
 FAKE_VERSION = """
