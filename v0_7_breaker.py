@@ -62,7 +62,7 @@ BACKOFF_BASE_S = 0.05  # retry n waits random(0, min(cap, base * 2^n)): 0-100 ms
 BACKOFF_CAP_S = 0.5  # so three 250 ms attempts and their pauses fit in CALL_DEADLINE_S
 RETRY_TOKENS_MAX = 10  # gRPC retry throttling (proposal A6): maxTokens 10; retries stop at half empty
 RETRY_TOKEN_RATIO = 0.5  # a success earns 0.5, a failure costs 1: retries stop once >1/3 of calls fail
-BREAKER_WINDOW_CALLS = 20  # resilience4j: a count window of the last 100 calls; ours sees ~0.5 s of traffic
+BREAKER_WINDOW_CALLS = 50  # resilience4j: the last 100 calls; 50 is ~1 s here (20 tripped on 20% hangs: noise)
 BREAKER_MIN_CALLS = 10  # never judge on fewer (resilience4j: minimumNumberOfCalls)
 BREAKER_FAILURE_RATE = 0.5  # open at >= 50% failed or slow calls (resilience4j and Hystrix: 50%)
 BREAKER_SLOW_CALL_S = 0.25  # payment's timeout: a call slower than its budget, or in flight past it, is bad
