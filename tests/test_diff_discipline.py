@@ -1,10 +1,10 @@
 """Diff discipline: the same sections in the same order everywhere, identical ones byte-identical,
 and each step a small diff (DESIGN.md section 3: median <= 60 changed lines, none over 120)."""
 import difflib
+import glob
 import os
 import re
 import statistics
-import subprocess
 
 import pytest
 
@@ -61,13 +61,13 @@ def test_neighbour_diffs_are_small():
     for a, b in zip(VERSIONS, VERSIONS[1:]):
         sizes[f"{version_id(a)}->{version_id(b)}"] = changed_lines(a, b)
     print("\nchanged lines between neighbours (outside the docstring):", sizes)
-    if sizes:
-        # v0.8 is the one step that touches every path (each answer, each dependency call, each queue, each state
-        # change) plus /metrics, logs and a status line: 150 lines at its most compact readable (measured). It is
-        # the exception, named here, not a looser rule: every other step stays within 120.
-        assert max(n for step, n in sizes.items() if step != "v0_7->v0_8") <= 120, sizes
-        assert sizes.get("v0_7->v0_8", 0) <= 160, sizes
-        assert statistics.median(sizes.values()) <= 60, sizes
+    assert len(sizes) == 8, "nine versions, eight steps"
+    # v0.8 is the one step that touches every path (each answer, each dependency call, each queue, each state
+    # change) plus /metrics, logs and a status line: 150 lines at its most compact readable (measured). It is
+    # the exception, named here, not a looser rule: every other step stays within 120.
+    assert max(n for step, n in sizes.items() if step != "v0_7->v0_8") <= 120, sizes
+    assert sizes.get("v0_7->v0_8", 0) <= 160, sizes
+    assert statistics.median(sizes.values()) <= 60, sizes
 
 
 EVOLVING = ["CONFIG", "BUSINESS LOGIC (identical in every version)", "RELIABILITY", "HTTP FRONT DOOR"]
@@ -90,12 +90,11 @@ def test_line_budget():
         assert open(path, encoding="utf-8").read().count("\n") <= 1150, path  # the world is ~230 lines since hardening
 
 
-def test_steps_touch_only_the_evolving_sections():
-    """Business logic and the world never change; a step shows up in CONFIG, RELIABILITY, FRONT DOOR, MAIN."""
+def test_every_step_changes_what_a_learner_reads():
+    """A step shows up in CONFIG, RELIABILITY or the FRONT DOOR (the identical sections are held equal above)."""
     for a, b in zip(VERSIONS, VERSIONS[1:]):
         sa, sb = sections(a), sections(b)
-        changed = [t for t in TITLES if sa[t] != sb[t]]
-        assert not [t for t in changed if "identical" in t], (a, b, changed)
+        assert [t for t in ("CONFIG", "RELIABILITY", "HTTP FRONT DOOR") if sa[t] != sb[t]], (a, b)
 
 
 def test_versions_import_nothing_from_each_other():
@@ -110,11 +109,10 @@ def test_diff_command_in_header_names_the_predecessor():
         assert f"diff -u {os.path.basename(a)} {os.path.basename(b)}" in doc
 
 
-def test_git_sees_no_stray_version_files():
-    """Only the nine fixed file names (DESIGN.md): no v0_2_admission_old.py lying around."""
-    names = subprocess.run(["git", "ls-files", "v*.py"], capture_output=True, text=True,
-                           cwd=os.path.dirname(VERSIONS[0])).stdout.split()
+def test_no_stray_version_files():
+    """Exactly the nine fixed file names (DESIGN.md), tracked or not: no v0_2_admission_old.py lying around."""
+    names = [os.path.basename(p) for p in glob.glob(os.path.join(os.path.dirname(VERSIONS[0]), "v*.py"))]
     fixed = {"v0_1_naive.py", "v0_2_admission.py", "v0_3_backpressure.py", "v0_4_timeouts.py",
              "v0_5_idempotency.py", "v0_6_retries.py", "v0_7_breaker.py", "v0_8_observability.py",
              "v1_0_composed.py"}
-    assert set(names) <= fixed
+    assert sorted(names) == sorted(fixed)

@@ -8,10 +8,11 @@ import json
 import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from urllib.parse import urlsplit
 
 from conftest import request
-from test_contract import error_problems, order_body, raw_exchange, send_unless_shed
+from test_contract import answer, error_problems, order_body, raw_exchange, send_unless_shed
 
 HANG_TIMEOUT_S = 3.0  # no answer by then is a hang; the simulators cut a stalled request off after 1 s
 PROMPT_S = 1.0  # a healthy charge takes ~40 ms; a wedged worker never answers
@@ -151,15 +152,10 @@ def run_table(service, role, cases):
     for label, data, allowed, kind, half_close in cases:
         def send(svc, data=data, half_close=half_close):
             return raw_exchange(svc.urls[role], data, half_close, timeout_s=HANG_TIMEOUT_S)
-        try:  # orders may shed a case it admits (429/503 + Retry-After): that is its limit, so try again
-            got = send_unless_shed(send, service) if role == "orders" else send(service)
-        except TimeoutError:
-            problems.append(f"{role}: {label}: no answer within {HANG_TIMEOUT_S} s: a hang")
-            continue
-        except (OSError, AssertionError) as exc:
-            problems.append(f"{role}: {label}: {exc!r:.300}")
-            continue
-        problems += check(f"{role}: {label}", got, allowed, kind)
+        # orders may shed a case it admits (429/503 + Retry-After): that is its limit, so try again
+        send_to = partial(send_unless_shed, send) if role == "orders" else send
+        got, missing = answer(f"{role}: {label}", partial(send_to, service))
+        problems += missing or check(f"{role}: {label}", got, allowed, kind)
     return problems
 
 
@@ -174,7 +170,7 @@ def test_hostile_bytes_get_a_json_answer_and_everything_keeps_serving(service):
     for role in ("payment", "shipping"):
         status, _, stats = request(service.urls[role] + "/stats")
         assert status == 200 and isinstance(stats, dict), stats
-        assert json.loads(json.dumps(stats, allow_nan=False)) == stats  # no NaN or Infinity crept in
+        json.dumps(stats, allow_nan=False)  # raises ValueError if a NaN or an Infinity crept in
     status, _, body = send_unless_shed(lambda svc: request(svc.urls["orders"] + "/orders", "POST",
                                                            order_body(ref="after-hostile")), service)
     assert status == 201, body

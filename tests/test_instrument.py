@@ -221,7 +221,6 @@ def test_latency_summary_in_ms():
     (404, "4xx"), (400, "4xx"), (409, "4xx"), (500, "5xx"), (501, "5xx")])
 def test_outcome_of(status, outcome):
     assert loadtest.outcome_of(status) == outcome
-    assert outcome in loadtest.OUTCOMES
 
 
 def parse_request(raw):
@@ -237,7 +236,6 @@ def parse_request(raw):
 def test_build_request_with_body():
     raw = loadtest.build_request("POST", "127.0.0.1", 8080, "/orders", {"item": "mug", "qty": 2},
                                  {"Idempotency-Key": "k-1"})
-    assert isinstance(raw, bytes)
     start, headers, body = parse_request(raw)
     assert start == "POST /orders HTTP/1.1"
     assert headers["host"] == "127.0.0.1:8080"
@@ -296,7 +294,6 @@ def test_open_loop_keeps_schedule_against_slow_server():
 
     load, wall_s = asyncio.run(main())
     recs = load.records
-    assert len(recs) == len(plan) == 200, "every planned request must be sent and recorded"
     outcomes = {r.outcome for r in recs}
     assert outcomes == {"ok"}, f"outcomes {outcomes}"
     assert sorted(r.intended for r in recs) == [p[0] for p in plan]
@@ -621,28 +618,7 @@ def test_cli_list_names_all_ten_scenarios():
     assert proc.stdout.count("pass when:") == 10
 
 
-def test_cli_without_arguments_says_what_to_do():
-    proc = run_cli()
-    assert proc.returncode != 0
-    assert "--target" in proc.stderr
-
-
-def test_cli_refuses_a_remote_url():
-    started = time.monotonic()
-    proc = run_cli("--url", "http://10.1.2.3:8080", "--scenario", "steady")
-    assert proc.returncode != 0
-    assert "loopback" in proc.stderr
-    assert "10.1.2.3" in proc.stderr
-    assert time.monotonic() - started < 20
-    proc = run_cli("--url", "http://127.0.0.1:9", "--payment-url", "http://10.0.0.1:8081", "--scenario", "steady")
-    assert proc.returncode != 0 and "loopback" in proc.stderr
-
-
-def test_cli_unknown_target_and_scenario():
-    proc = run_cli("--target", "v9_9", "--scenario", "steady")
-    assert proc.returncode != 0 and "v9_9" in proc.stderr
-    proc = run_cli("--target", "v0_1", "--scenario", "no-such-thing")
-    assert proc.returncode != 0 and "unknown scenario" in proc.stderr
+# (the command lines refused before anything starts: tests/test_cli_safety.py)
 
 
 # === 11. a real run: JSON shape, nothing left behind ===============================================
@@ -656,7 +632,6 @@ def test_json_shape_and_html_report_of_a_quick_steady_run(tmp_path):
     page = report.read_text(encoding="utf-8")
     assert page.count("<svg") == 2 and "<table>" in page and "<h2>steady</h2>" in page and ">v0_1<" in page
     assert "<script" not in page and "http://" not in page and "https://" not in page, "self-contained"
-    assert "<script" not in page and "http://" not in page and "https://" not in page  # self-contained
     assert isinstance(data, dict) and list(data) == ["runs"]
     assert isinstance(data["runs"], list) and len(data["runs"]) == 1
     run = data["runs"][0]
@@ -667,8 +642,7 @@ def test_json_shape_and_html_report_of_a_quick_steady_run(tmp_path):
     latency = run["latency_ms"]
     assert set(latency) == {"p50", "p90", "p99", "p999", "max"}
     figures = [latency[k] for k in ("p50", "p90", "p99", "p999", "max")]
-    if figures[0] is not None:
-        assert figures == sorted(figures)
+    assert None not in figures and figures == sorted(figures), figures
     counts = run["counts"]
     assert set(loadtest.OUTCOMES) <= set(counts) and "sent" in counts
     total = sum(counts[o] for o in loadtest.OUTCOMES)
@@ -705,6 +679,7 @@ def wait_until_under_load(version, lt):
     while threads_of(version) < 5 and time.monotonic() < deadline and lt.poll() is None:
         time.sleep(0.005)
     assert threads_of(version) >= 5, "the load never started (or the version died)"
+    assert len(live_group(version)) == 3, "orders, payment and shipping share the version's process group"
 
 
 # === 12. Ctrl-C and SIGTERM clean up ===============================================================

@@ -355,12 +355,13 @@ def test_parser_catches_what_it_should():
         "split family": good + "a_seconds_count 2\n",
         "counter without _total": good.replace("b_total", "b"),
         "time not in seconds": good.replace("a_seconds", "a_latency_ms"),
-        "le decreasing": good.replace('le="0.1"', 'le="+Inf"', 1),
+        "le decreasing": good.replace('a_seconds_bucket{le="0.1"} 1\n', 'a_seconds_bucket{le="0.2"} 1\n'
+                                      'a_seconds_bucket{le="0.1"} 1\n'),
         "not cumulative": good.replace('a_seconds_bucket{le="0.1"} 1', 'a_seconds_bucket{le="0.1"} 3'),
         "+Inf != count": good.replace("a_seconds_count 2", "a_seconds_count 3"),
         "no _sum": good.replace("a_seconds_sum 0.3\n", ""),
         "bad label name": good.replace("b_total 1", 'b_total{0x="1"} 1'),
-        "bad metric name": good.replace("b_total", "b-total"),
+        "bad metric name": good.replace("b_total", "b-x_total"),
         "no trailing newline": good.rstrip("\n"),
     }
     for what, text in broken.items():
