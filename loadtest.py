@@ -40,6 +40,8 @@ MAX_IN_FLIGHT = 3000  # open loop, but bounded: requests over the cap are counte
 DEFAULT_CAPACITY_RPS = 100.0  # C, when it cannot be read from payment's /stats
 SAMPLE_EVERY_S = 0.25  # ground truth and process sampling period during a run
 RECOVERED_P99_MS = 500  # a second is recovered when its p99 is under this, nothing failed, <= 10% shed
+DRAIN_IDLE_S = 1.5  # after the load, fulfilment is done when nothing has shipped for this long (1.5x v1.0's
+#                    longest redelivery backoff), all acknowledged orders have shipped, or time is up
 # A run in which loadtest itself fell behind its schedule measured the machine, not the target: measured
 # here, a run beside other work flipped a verdict at a lag p99 of 160 ms; alone, runs lag 2-5 ms (p99).
 UNTRUSTED_LAG_MS = 50
@@ -228,7 +230,7 @@ class Load:
 
 # === SCENARIOS ===
 # Loads are multiples of the designed capacity C (payment's workers / service time). Each phase:
-# (name, seconds, seconds with --quick, load in C, chaos for payment, chaos for shipping, fault?).
+# (name, seconds, seconds with --quick (0: skipped), load in C, chaos for payment, chaos for shipping, fault?).
 # Checks are (figure, operator, bound): the same for every version, never tuned per version.
 
 
@@ -237,78 +239,81 @@ def phase(name, full_s, quick_s, load, payment=None, shipping=None, fault=False)
             "payment": payment or {}, "shipping": shipping or {}, "fault": fault}
 
 
-def ramp(steps, full_s, quick_s, load, top):
-    """A dependency that gets slowly worse: latency x1 -> x`top` in `steps` equal steps."""
-    return [phase(f"worse x{1 + (top - 1) * (k + 1) / steps:.1f}", full_s / steps, quick_s / steps, load,
-                  {"latency_factor": 1 + (top - 1) * (k + 1) / steps}, fault=True) for k in range(steps)]
+def before(full_s, quick_s, load):
+    """Healthy, before the fault. --quick skips it (0 s) unless the fault's first second would otherwise
+    decide the figure: orders to read back, healthy calls in a breaker's window, a pool not started cold."""
+    return phase("before", full_s, quick_s, load)
+
+
+def after(full_s, quick_s, load):
+    """Healthy again. --quick skips it (0 s) unless a check judges recovery (recovery_s: it is watched for
+    this phase only, so quick is stricter, never looser) or counts the whole run."""
+    return phase("after", full_s, quick_s, load)
+
+
+def ramp(steps, full_s, quick_s, load, top, quick_steps):
+    """A dependency that gets slowly worse: latency x1 -> x`top` in `steps` equal steps; --quick runs
+    the first `quick_steps` of them."""
+    factors = [1 + (top - 1) * (k + 1) / steps for k in range(steps)]
+    return [phase(f"worse x{f:.1f}", full_s / steps, quick_s / steps if k < quick_steps else 0, load,
+                  {"latency_factor": f}, fault=True) for k, f in enumerate(factors)]
+
+
+def scenario(about, *phases, checks, decisive, **more):
+    return {"about": about, "phases": list(phases), "checks": checks, "decisive": decisive, **more}
 
 
 SCENARIOS = {
-    "steady": {
-        "about": "0.5x capacity, healthy: the baseline every version must keep",
-        "phases": [phase("steady", 10, 5, 0.5)],
-        "checks": [("error_pct", "<=", 1.0), ("p99_ms", "<=", 250)],
-        "decisive": "p99_ms"},
-    "spike": {
-        "about": "3x capacity for the fault window: is the excess shed fast, or does it queue?",
-        "phases": [phase("before", 3, 2, 0.5), phase("spike", 10, 4, 3.0, fault=True), phase("after", 8, 4, 0.5)],
-        "checks": [("timeouts", "<=", 0), ("p99_ms", "<=", 1000), ("shed_p99_ms", "<=", 100),
-                   ("fault_goodput_x", ">=", 0.7)],
-        "decisive": "p99_ms"},
-    "slow-payment": {
-        "about": "0.8x capacity while payment is 3x slower: admitted work the dependency cannot serve",
-        "phases": [phase("before", 3, 2, 0.8), phase("slow", 10, 5, 0.8, {"latency_factor": 3}, fault=True),
-                   phase("after", 8, 4, 0.8)],
-        "checks": [("timeouts", "<=", 0), ("p99_ms", "<=", 1000), ("shed_p99_ms", "<=", 100)],
-        "decisive": "p99_ms"},
-    "slow-shipping": {
-        "about": "0.8x capacity while shipping is 5x slower: does a fulfilment backlog grow unseen?",
-        "phases": [phase("before", 3, 2, 0.8), phase("slow", 15, 8, 0.8, shipping={"latency_factor": 5}, fault=True),
-                   phase("after", 6, 3, 0.8)],
-        "checks": [("timeouts", "<=", 0), ("backlog_max", "<=", 100), ("lag_max_s", "<=", 2.0)],
-        "decisive": "lag_max_s"},
-    "hang-payment": {
-        "about": "0.5x capacity; 20% of charges never answer: do hung calls leak resources?",
-        "phases": [phase("before", 3, 2, 0.5), phase("hang", 10, 4, 0.5, {"hang_rate": 0.2}, fault=True),
-                   phase("after", 8, 4, 0.5)],
-        "checks": [("goodput_pct", ">=", 95), ("p99_ms", "<=", 1000), ("held_open_after", "<=", 0)],
-        "decisive": "goodput_pct"},
-    "flaky-payment": {
-        "about": "0.5x capacity; charges fail, some after committing; clients retry with the same key",
-        "phases": [phase("before", 2, 1, 0.5),
-                   phase("flaky", 10, 5, 0.5, {"error_rate": 0.1, "ambiguous_rate": 0.1}, fault=True),
-                   phase("after", 4, 2, 0.5)],
-        "client_retries": 2,
-        "checks": [("duplicate_charges", "<=", 0), ("duplicate_orders", "<=", 0)],
-        "decisive": "duplicate_charges"},
-    "retry-storm": {
-        "about": "0.6x capacity; payment struggles (2x slower, 80% of charges fail) briefly: do retries pile on?",
-        "phases": [phase("before", 3, 2, 0.6),
-                   phase("brownout", 4, 3, 0.6, {"latency_factor": 2, "error_rate": 0.8}, fault=True),
-                   phase("after", 10, 6, 0.6)],
-        "checks": [("fault_amplification", "<=", 1.2), ("recovery_s", "<=", 3)],
-        "decisive": "fault_amplification"},
-    "payment-down": {
-        "about": "0.5x capacity, half POST, half GET /orders/<id>; payment blackholed",
-        "phases": [phase("before", 3, 2, 0.5), phase("down", 10, 5, 0.5, {"blackhole": True}, fault=True),
-                   phase("after", 8, 4, 0.5)],
-        "get_share": 0.5,
-        "checks": [("fault_post_p50_ms", "<=", 100), ("get_error_pct", "<=", 1.0), ("get_p99_ms", "<=", 250),
-                   ("recovery_s", "<=", 5)],
-        "decisive": "fault_post_p50_ms"},
-    "early-warning": {
-        "about": "0.5x capacity; payment gets slowly worse: does a metric alert fire before users see errors?",
-        "phases": [phase("before", 3, 2, 0.5)] + ramp(8, 16, 12, 0.5, 3) + [phase("after", 4, 3, 0.5)],
-        "checks": [("alert_lead_s", ">=", 1.0)],
-        "decisive": "alert_lead_s"},
-    "partial-failure": {
-        "about": "2x capacity + payment brownout (3x) + shipping down, then healthy: everything at once",
-        "phases": [phase("before", 3, 2, 0.5),
-                   phase("partial", 8, 4, 2.0, {"latency_factor": 3}, {"down": True}, fault=True),
-                   phase("after", 8, 5, 0.5)],
-        "checks": [("p99_ms", "<=", 1000), ("timeouts", "<=", 0), ("duplicate_charges", "<=", 0),
-                   ("duplicate_orders", "<=", 0), ("lost_orders", "<=", 0), ("recovery_s", "<=", 5)],
-        "decisive": "lost_orders"},
+    "steady": scenario(
+        "0.5x capacity, healthy: the baseline every version must keep",
+        phase("steady", 10, 3, 0.5),
+        checks=[("error_pct", "<=", 1.0), ("p99_ms", "<=", 250)], decisive="p99_ms"),
+    "spike": scenario(
+        "3x capacity for the fault window: is the excess shed fast, or does it queue?",
+        before(3, 0, 0.5), phase("spike", 10, 2, 3.0, fault=True), after(8, 0, 0.5),
+        checks=[("timeouts", "<=", 0), ("p99_ms", "<=", 1000), ("shed_p99_ms", "<=", 100),
+                ("fault_goodput_x", ">=", 0.7)], decisive="p99_ms"),
+    "slow-payment": scenario(
+        "0.8x capacity while payment is 3x slower: admitted work the dependency cannot serve",
+        before(3, 0, 0.8), phase("slow", 10, 3, 0.8, {"latency_factor": 3}, fault=True), after(8, 0, 0.8),
+        checks=[("timeouts", "<=", 0), ("p99_ms", "<=", 1000), ("shed_p99_ms", "<=", 100)], decisive="p99_ms"),
+    "slow-shipping": scenario(
+        "0.8x capacity while shipping is 5x slower: does a fulfilment backlog grow unseen?",
+        before(3, 0, 0.8), phase("slow", 15, 6, 0.8, shipping={"latency_factor": 5}, fault=True), after(6, 0, 0.8),
+        checks=[("timeouts", "<=", 0), ("backlog_max", "<=", 100), ("lag_max_s", "<=", 2.0)],
+        decisive="lag_max_s"),
+    "hang-payment": scenario(
+        "0.5x capacity; 20% of charges never answer: do hung calls leak resources?",
+        before(3, 1, 0.5), phase("hang", 10, 4, 0.5, {"hang_rate": 0.2}, fault=True), after(8, 3, 0.5),
+        checks=[("goodput_pct", ">=", 95), ("p99_ms", "<=", 1000), ("held_open_after", "<=", 0)],
+        decisive="goodput_pct"),
+    "flaky-payment": scenario(
+        "0.5x capacity; charges fail, some after committing; clients retry with the same key",
+        before(2, 0, 0.5), phase("flaky", 10, 3, 0.5, {"error_rate": 0.1, "ambiguous_rate": 0.1}, fault=True),
+        after(4, 0, 0.5), client_retries=2,
+        checks=[("duplicate_charges", "<=", 0), ("duplicate_orders", "<=", 0)], decisive="duplicate_charges"),
+    "retry-storm": scenario(
+        "0.6x capacity; payment struggles (2x slower, 80% of charges fail) briefly: do retries pile on?",
+        before(3, 1, 0.6), phase("brownout", 4, 2, 0.6, {"latency_factor": 2, "error_rate": 0.8}, fault=True),
+        after(10, 3, 0.6),
+        checks=[("fault_amplification", "<=", 1.2), ("recovery_s", "<=", 3)], decisive="fault_amplification"),
+    "payment-down": scenario(
+        "0.5x capacity, half POST, half GET /orders/<id>; payment blackholed",
+        before(3, 1, 0.5), phase("down", 10, 4, 0.5, {"blackhole": True}, fault=True), after(8, 3, 0.5),
+        get_share=0.5,
+        checks=[("fault_post_p50_ms", "<=", 100), ("get_error_pct", "<=", 1.0), ("get_p99_ms", "<=", 250),
+                ("recovery_s", "<=", 3)], decisive="fault_post_p50_ms"),
+    "early-warning": scenario(
+        "0.5x capacity; payment gets slowly worse: does a metric alert fire before users see errors?",
+        before(3, 0, 0.5), *ramp(8, 16, 10, 0.5, 3, quick_steps=6), after(4, 0, 0.5),
+        checks=[("alert_lead_s", ">=", 1.0)], decisive="alert_lead_s"),
+    "partial-failure": scenario(
+        "2x capacity + payment brownout (3x) + shipping down, then healthy: everything at once",
+        before(3, 0, 0.5), phase("partial", 8, 3, 2.0, {"latency_factor": 3}, {"down": True}, fault=True),
+        after(8, 4, 0.5),
+        checks=[("p99_ms", "<=", 1000), ("timeouts", "<=", 0), ("duplicate_charges", "<=", 0),
+                ("duplicate_orders", "<=", 0), ("lost_orders", "<=", 0), ("recovery_s", "<=", 3)],
+        decisive="lost_orders"),
 }
 
 # Each version's story: the scenario it fixes and the one that still breaks it.
@@ -386,6 +391,8 @@ def make_plan(scenario, capacity_rps, quick, seed, duration_s=None, rate_rps=Non
     rng = random.Random(seed)
     plan, phases, t = [], [], 0.0
     for ph, length, rate in phase_rates(scenario, capacity_rps, quick, duration_s, rate_rps):
+        if length <= 0:  # --quick skips the "before" phases
+            continue
         start, end = t, t + length
         phases.append(dict(ph, start=start, end=end, rps=rate))
         t_next = start + rng.expovariate(rate)
@@ -468,6 +475,33 @@ class Target:
 
 
 RUNNING = []  # targets to stop on any exit
+
+
+class Spawner:
+    """Starts the targets of a matrix, each cell's own; the next cell's while the current one drains, so
+    its start-up (~0.35 s: three Python processes) overlaps a wait instead of adding to the run's time."""
+
+    def __init__(self, seed):
+        self.seed, self.ahead = seed, None  # ahead: (path, the future of its Target)
+
+    def prepare(self, path):
+        if path and not self.ahead:
+            self.ahead = (path, asyncio.get_running_loop().run_in_executor(None, Target.spawn, path, self.seed))
+
+    async def take(self, path):
+        if self.ahead and self.ahead[0] == path:
+            future, self.ahead = self.ahead[1], None
+            return await future
+        return await asyncio.get_running_loop().run_in_executor(None, Target.spawn, path, self.seed)
+
+    async def close(self):
+        """Stop a target started for a cell that will not run (the last one, or after Ctrl-C)."""
+        if self.ahead:
+            future, self.ahead = self.ahead[1], None
+            try:
+                (await future).stop()
+            except SystemExit:  # it never started: nothing to stop
+                pass
 
 
 def cpu_times():
@@ -618,11 +652,13 @@ class Run:
         self.alert_history = []
 
 
-async def run_scenario(target, scenario_name, capacity_rps, quick, seed, progress, duration_s=None, rate_rps=None):
+async def run_scenario(target, scenario_name, capacity_rps, quick, seed, progress, duration_s=None, rate_rps=None,
+                       on_load_done=None):
     """Drive one scenario against one target and return the run's result dict.
 
     capacity_rps is C (checks judge goodput against it); rate_rps, if given, is what the first
-    phase offers (--rate), else loads are multiples of C."""
+    phase offers (--rate), else loads are multiples of C. on_load_done() is called when the load
+    has ended, before fulfilment drains."""
     run, loop = Run(target, scenario_name, capacity_rps, quick, seed, duration_s, rate_rps), asyncio.get_running_loop()
     run.load = Load(run.plan, request_maker(run))
     run.before = {role: await stats(target, role) for role in ("payment", "shipping")}
@@ -636,6 +672,8 @@ async def run_scenario(target, scenario_name, capacity_rps, quick, seed, progres
         driver.cancel()
         for role in ("payment", "shipping"):
             await set_chaos(target, role, {})
+    if on_load_done:
+        on_load_done()
     await drain_fulfilment(run, progress)
     sampling.cancel()
     run.after = {role: await stats(target, role, refs=True) for role in ("payment", "shipping")}
@@ -734,16 +772,19 @@ def tick_reporter(run, progress):
 
 
 async def drain_fulfilment(run, progress):
-    """Give fulfilment time to ship what was acknowledged (4 s quick, else 10 s) before ground truth is read."""
+    """Give fulfilment time to ship what was acknowledged before ground truth is read: until all of it
+    has shipped, nothing more has shipped for DRAIN_IDLE_S, or 4 s (quick; else 10 s) have passed."""
     loop, before = asyncio.get_running_loop(), run.before["shipping"]
-    deadline = loop.time() + (4 if run.quick else 10)
-    while loop.time() < deadline and before:
+    deadline, shipped, moved_at = loop.time() + (4 if run.quick else 10), None, loop.time()
+    while loop.time() < deadline and loop.time() - moved_at < DRAIN_IDLE_S and before:
         ship = await stats(run.target, "shipping")
         if ship is None or ship["unique_refs"] - before["unique_refs"] >= len(run.acked):
             break
+        if ship["unique_refs"] != shipped:
+            shipped, moved_at = ship["unique_refs"], loop.time()
         progress(f"{run.target.name} {run.name}: draining fulfilment, "
                  f"{len(run.acked) - ship['unique_refs'] + before['unique_refs']} orders not shipped yet")
-        await asyncio.sleep(0.25)
+        await asyncio.sleep(0.05)
 
 
 def capacity_of(payment_stats):
@@ -777,16 +818,19 @@ async def run_all(args, out):
         finally:
             target.stop()
     results, cells, started = [], [(path, name) for path, names in runs for name in names], time.monotonic()
+    spawner = Spawner(args.seed)
     try:
         for done, (path, name) in enumerate(cells):
             def cell_progress(text, done=done):
                 elapsed = time.monotonic() - started
                 left = f" · ~{elapsed / done * (len(cells) - done) / 60:.0f} min left" if done else ""
                 progress(f"[{done + 1}/{len(cells)} · {elapsed / 60:.0f} min{left}] {text}" if text else "")
-            result = await run_cell(args, path, name, cell_progress, out)
+            following = cells[done + 1][0] if done + 1 < len(cells) else None
+            result = await run_cell(args, path, name, cell_progress, out, spawner, following)
             if result:
                 results.append(result)
     finally:  # Ctrl-C too: the matrix of what was measured
+        await spawner.close()
         if results and (len(runs) > 1 or args.compare):
             print_matrix(results, out)
     if args.target and results:
@@ -794,8 +838,9 @@ async def run_all(args, out):
     return results
 
 
-async def run_cell(args, path, name, progress, out):
-    """One scenario on one version (or the --url target), printed; an untrusted run is run once more."""
+async def run_cell(args, path, name, progress, out, spawner, following=None):
+    """One scenario on one version (or the --url target), printed; an untrusted run is run once more.
+    The version of the cell `following` this one is started while this one drains."""
     if args.url:
         urls = {"orders": args.url.rstrip("/")}
         urls.update({k: v.rstrip("/") for k, v in (("payment", args.payment_url),
@@ -807,7 +852,7 @@ async def run_cell(args, path, name, progress, out):
             return None
     for attempt in (1, 2):
         if not args.url:
-            target = Target.spawn(path, args.seed)
+            target = await spawner.take(path)
         try:
             # C: --capacity, else what payment says. --rate, if given, sets the offered load instead.
             capacity = args.capacity or capacity_of(await stats(target, "payment"))
@@ -815,7 +860,7 @@ async def run_cell(args, path, name, progress, out):
             if problem:  # C read from /stats can differ from the default parse_args checked with
                 raise SystemExit(f"refusing to run: {problem}")
             result = await run_scenario(target, name, capacity, args.quick, args.seed, progress, args.duration,
-                                        rate_rps=args.rate)
+                                        rate_rps=args.rate, on_load_done=lambda: spawner.prepare(following))
         finally:
             if target.proc:
                 target.stop()
@@ -872,7 +917,8 @@ def summarise(run):
         figures["goodput_pct"] = round(100 * sum(1 for r in late if r.outcome == "ok") / max(1, len(late)), 1)
         second_half = [r for r in in_fault if r.kind == "post" and r.intended >= (fault_start + fault_end) / 2]
         figures["fault_post_p50_ms"] = _ms(percentile([r.latency for r in second_half], 50))
-    gets = [r for r in recs if r.kind == "get"]
+    # Reads from the fault's second half on: a breaker's first half-second of learning is not what it is for.
+    gets = [r for r in recs if r.kind == "get" and (not fault or r.intended >= (fault_start + fault_end) / 2)]
     if gets:
         figures["get_error_pct"] = round(100 * sum(1 for r in gets if r.outcome != "ok") / len(gets), 2)
         figures["get_p99_ms"] = _ms(percentile([r.latency for r in gets if r.outcome == "ok"], 99))
@@ -1568,11 +1614,12 @@ def refuse_bad_args(parser, args):
 
 
 def print_list(out):
-    out.write("Scenarios (loads in multiples of capacity C; '--quick' shortens the phases):\n")
+    out.write("Scenarios (loads in multiples of capacity C; phases: full length/with --quick, '-' skipped):\n")
     for name, sc in SCENARIOS.items():
         out.write(f"\n  {name}: {sc['about']}\n    phases: ")
-        out.write(" -> ".join(f"{p['name']} {p['full_s']:g}s/{p['quick_s']:g}s @{p['load']}C"
-                              + (" [fault]" if p["fault"] else "") for p in sc["phases"]) + "\n")
+        quick = [f"{p['quick_s']:g}s" if p["quick_s"] else "-" for p in sc["phases"]]
+        out.write(" -> ".join(f"{p['name']} {p['full_s']:g}s/{q} @{p['load']}C" + (" [fault]" if p["fault"] else "")
+                              for p, q in zip(sc["phases"], quick, strict=True)) + "\n")
         out.write("    pass when: " + ", ".join(f"{f} {op} {b}" for f, op, b in sc["checks"])
                   + f"   (decisive: {sc['decisive']})\n")
 

@@ -198,7 +198,8 @@ def drive(argv, monkeypatch):
     """run_all for a command line, with run_scenario recording what it was asked: no server, no request."""
     asked = []
 
-    async def fake_run_scenario(target, name, capacity_rps, quick, seed, progress, duration_s=None, rate_rps=None):
+    async def fake_run_scenario(target, name, capacity_rps, quick, seed, progress, duration_s=None, rate_rps=None,
+                                on_load_done=None):
         plan, phases = loadtest.make_plan(loadtest.SCENARIOS[name], capacity_rps, quick, seed, duration_s, rate_rps)
         asked.append({"capacity": capacity_rps, "rate": rate_rps, "phases": phases})
         return {"verdict": "pass"}

@@ -450,12 +450,14 @@ def test_make_plan_phases_carry_start_and_end():
     for name, scenario in loadtest.SCENARIOS.items():
         for quick in (False, True):
             _, phases = loadtest.make_plan(scenario, 100, quick, 1)
-            assert [p["name"] for p in phases] == [p["name"] for p in scenario["phases"]], name
+            key = "quick_s" if quick else "full_s"
+            planned = [p for p in scenario["phases"] if p[key] > 0]  # --quick skips "before"
+            assert [p["name"] for p in phases] == [p["name"] for p in planned], name
             assert phases[0]["start"] == 0
             for prev, nxt in zip(phases, phases[1:], strict=False):
                 assert math.isclose(prev["end"], nxt["start"]), name
-            for ph, spec in zip(phases, scenario["phases"], strict=True):
-                want = spec["quick_s"] if quick else spec["full_s"]
+            for ph, spec in zip(phases, planned, strict=True):
+                want = spec[key]
                 assert math.isclose(ph["end"] - ph["start"], want), (name, ph["name"])
                 assert ph["fault"] == spec["fault"] and ph["load"] == spec["load"]
 
@@ -469,10 +471,12 @@ def test_quick_phases_are_shorter():
 
 
 def test_make_plan_duration_stretches_the_fault_window():
-    _, phases = loadtest.make_plan(loadtest.SCENARIOS["spike"], 100, True, 1, duration_s=8)
+    _, phases = loadtest.make_plan(loadtest.SCENARIOS["spike"], 100, False, 1, duration_s=8)
     fault = [p for p in phases if p["fault"]]
     assert len(fault) == 1 and math.isclose(fault[0]["end"] - fault[0]["start"], 8)
-    assert math.isclose(phases[0]["end"], 2) and math.isclose(phases[-1]["end"] - phases[-1]["start"], 4)
+    assert math.isclose(phases[0]["end"], 3) and math.isclose(phases[-1]["end"] - phases[-1]["start"], 8)
+    _, phases = loadtest.make_plan(loadtest.SCENARIOS["spike"], 100, True, 1, duration_s=8)
+    assert [(p["name"], p["end"] - p["start"]) for p in phases] == [("spike", 8)]  # --quick: no before, no after
     _, phases = loadtest.make_plan(loadtest.SCENARIOS["steady"], 100, True, 1, duration_s=2)
     assert math.isclose(phases[-1]["end"], 2)
 
