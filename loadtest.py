@@ -1204,7 +1204,7 @@ def svg_chart(lines, fault, title, unit, width=720, height=230):
         v = top * k / 4
         out.append(f'<line x1="{left}" x2="{width - right}" y1="{y(v):.1f}" y2="{y(v):.1f}" stroke="#e3e3e3"/>'
                    f'<text x="{left - 6}" y="{y(v) + 4:.1f}" class="tick" text-anchor="end">{v:,.4g}</text>')
-    for t in range(0, int(t_end) + 1, 5 if t_end <= 40 else 10):  # time ticks
+    for t in range(0, int(t_end) + 1, next(step for step in (1, 2, 5, 10) if t_end <= 10 * step)):  # time ticks
         out.append(f'<text x="{x(t):.1f}" y="{height - bottom + 15}" class="tick" text-anchor="middle">{t}</text>')
     out.append(f'<text x="{(left + width - right) / 2:.0f}" y="{height - 6}" class="axis" text-anchor="middle">'
                f'seconds into the run</text><text x="12" y="{(top_pad + height - bottom) / 2:.0f}" class="axis" '
