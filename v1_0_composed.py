@@ -7,7 +7,7 @@ Adds:        one deadline budget end to end: a client's X-Deadline-Ms (relative,
              budget ran out in our queue gets 504 before any work. Failed shipments are
              redelivered with capped, jittered backoff until they ship (shipping's idempotency
              makes that safe); the bounded event queue pushes back at the door meanwhile.
-Fixes:       `partial-failure`: lost orders 311 -> 0 (every acknowledged order ships).
+Fixes:       `partial-failure`: lost orders 280 -> 0 (every acknowledged order ships).
                python loadtest.py --compare v0_8,v1_0 --scenario partial-failure
 Still breaks: nothing in our scenarios: v1.0 passes all ten.
                python loadtest.py --target v1_0 --scenario all
