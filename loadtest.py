@@ -500,7 +500,7 @@ class Spawner:
             future, self.ahead = self.ahead[1], None
             try:
                 (await future).stop()
-            except SystemExit:  # it never started: nothing to stop
+            except (Exception, SystemExit):  # it never started: nothing to stop, and the matrix still prints
                 pass
 
 
@@ -1204,7 +1204,8 @@ def svg_chart(lines, fault, title, unit, width=720, height=230):
         v = top * k / 4
         out.append(f'<line x1="{left}" x2="{width - right}" y1="{y(v):.1f}" y2="{y(v):.1f}" stroke="#e3e3e3"/>'
                    f'<text x="{left - 6}" y="{y(v) + 4:.1f}" class="tick" text-anchor="end">{v:,.4g}</text>')
-    for t in range(0, int(t_end) + 1, next(step for step in (1, 2, 5, 10) if t_end <= 10 * step)):  # time ticks
+    step = next((step for step in (1, 2, 5, 10) if t_end <= 10 * step), 10 * math.ceil(t_end / 100))
+    for t in range(0, int(t_end) + 1, step):  # time ticks: about ten, whatever the run's length
         out.append(f'<text x="{x(t):.1f}" y="{height - bottom + 15}" class="tick" text-anchor="middle">{t}</text>')
     out.append(f'<text x="{(left + width - right) / 2:.0f}" y="{height - 6}" class="axis" text-anchor="middle">'
                f'seconds into the run</text><text x="12" y="{(top_pad + height - bottom) / 2:.0f}" class="axis" '
@@ -1553,7 +1554,8 @@ def parse_args(argv):
     parser.add_argument("--report", metavar="FILE.html", help="also write a self-contained HTML report (SVG charts)")
     parser.add_argument("--rate", type=float, metavar="R", help="offered requests/s, as vegeta's -rate and wrk2's -R "
                         "mean it: steady offers R; a scenario with phases is scaled so its first phase (the load "
-                        "before the fault, its lowest) offers R, the others keep their ratio to it "
+                        "before the fault, its lowest; --quick may skip it) offers R, the others keep their "
+                        "ratio to it "
                         "(default: loads are multiples of --capacity)")
     parser.add_argument("--capacity", type=float, metavar="C", help="capacity C (req/s) scenario loads are "
                         "multiples of and goodput is judged against (default: read from payment's /stats, else "

@@ -835,3 +835,11 @@ def test_amplification_counts_work_not_cheap_refusals():
     assert truth["calls_per_order"] == 3.0
     assert truth["orphan_charges"] == 1  # r-3 was charged, and its client was told it failed
     assert truth["duplicate_charges"] == 0
+
+
+@pytest.mark.parametrize("seconds", [3, 21, 111, 600])
+def test_report_chart_ticks_any_run_length(seconds):
+    """A --duration run up to 600 s draws its time axis (a 111 s run once raised StopIteration)."""
+    chart = loadtest.svg_chart([("v0_1", "#000", [(t, 1.0) for t in range(seconds)])], (1, seconds - 1), "t", "ms")
+    ticks = chart.count('text-anchor="middle">')
+    assert chart.startswith("<svg") and 3 <= ticks <= 12, ticks
