@@ -14,6 +14,7 @@ requests that were waiting to be sent (coordinated omission, Gil Tene). Pure sta
   python loadtest.py --list                             # scenarios and pass criteria
   python loadtest.py --calibrate                        # can the instrument be trusted?
 """
+
 import argparse
 import asyncio
 import collections
@@ -39,18 +40,22 @@ CLIENT_TIMEOUT_S = 5.0  # a user's patience: after this the client gives up (cou
 MAX_IN_FLIGHT = 3000  # open loop, but bounded: requests over the cap are counted as "capped"
 DEFAULT_CAPACITY_RPS = 100.0  # C, when it cannot be read from payment's /stats
 SAMPLE_EVERY_S = 0.25  # ground truth and process sampling period during a run
-RECOVERED_P99_MS = 500  # a second is recovered when its p99 is under this, nothing failed, <= 10% shed
-DRAIN_IDLE_S = 1.5  # after the load, fulfilment is done when nothing has shipped for this long (1.5x v1.0's
+# a second is recovered when its p99 is under this, nothing failed, <= 10% shed
+RECOVERED_P99_MS = 500
+# after the load, fulfilment is done when nothing has shipped for this long (1.5x v1.0's
+DRAIN_IDLE_S = 1.5
 #                    longest redelivery backoff), all acknowledged orders have shipped, or time is up
 # A run in which loadtest itself fell behind its schedule measured the machine, not the target: measured
 # here, a run beside other work flipped a verdict at a lag p99 of 160 ms; alone, runs lag 2-5 ms (p99).
 UNTRUSTED_LAG_MS = 50
 # Limits, checked before anything starts: a typo must not become a load that eats the machine.
-MAX_RATE_RPS = 20000  # offered req/s, at any phase's peak: 4x what --calibrate measures one loop can keep
+# offered req/s, at any phase's peak: 4x what --calibrate measures one loop can keep
+MAX_RATE_RPS = 20000
 MAX_CAPACITY_RPS = 10000  # C; the built-in simulators have C = 100
 MAX_DURATION_S = 600  # --duration: ten minutes is a soak, not a lesson
 MAX_PLANNED_REQUESTS = 1_000_000  # a plan and its records cost ~250 bytes a request: ~250 MB
-OPEN_FILES_WANTED = 10240  # a socket per request in flight, here and in the orders process it starts
+# a socket per request in flight, here and in the orders process it starts
+OPEN_FILES_WANTED = 10240
 
 # === ENGINE ===
 # One connection per request (as the version files answer with Connection: close), driven by
@@ -74,7 +79,9 @@ class Exchange(asyncio.Protocol):
     """Send one request, collect one response, resolve `done` with (status, body) or an error."""
 
     def __init__(self, request, done):
-        self.request, self.done, self.buf = request, done, bytearray()
+        self.request = request
+        self.done = done
+        self.buf = bytearray()
 
     def connection_made(self, transport):
         self.transport = transport
@@ -88,7 +95,7 @@ class Exchange(asyncio.Protocol):
         head = bytes(self.buf[:head_end]).lower()
         at = head.find(b"content-length:")
         if at >= 0:  # the whole answer is here: record the time now, not at close
-            length = int(head[at + 15:].split(b"\r\n", 1)[0])
+            length = int(head[at + 15 :].split(b"\r\n", 1)[0])
             if len(self.buf) - head_end - 4 >= length:
                 self.finish()
 
@@ -96,7 +103,7 @@ class Exchange(asyncio.Protocol):
         if not self.done.done():
             try:
                 status = int(self.buf.split(b" ", 2)[1])
-                self.done.set_result((status, bytes(self.buf[self.buf.find(b"\r\n\r\n") + 4:])))
+                self.done.set_result((status, bytes(self.buf[self.buf.find(b"\r\n\r\n") + 4 :])))
             except (IndexError, ValueError):
                 self.done.set_exception(ConnectionError("malformed response"))
         self.transport.close()
@@ -114,8 +121,12 @@ class Exchange(asyncio.Protocol):
 def build_request(method, host, port, path, body=None, headers=None):
     """Encode one HTTP/1.1 request with Connection: close."""
     data = json.dumps(body).encode() if body is not None else b""
-    lines = [f"{method} {path} HTTP/1.1", f"Host: {host}:{port}", "Connection: close",
-             f"Content-Length: {len(data)}"]
+    lines = [
+        f"{method} {path} HTTP/1.1",
+        f"Host: {host}:{port}",
+        "Connection: close",
+        f"Content-Length: {len(data)}",
+    ]
     if body is not None:
         lines.append("Content-Type: application/json")
     lines += [f"{k}: {v}" for k, v in (headers or {}).items()]
@@ -124,8 +135,11 @@ def build_request(method, host, port, path, body=None, headers=None):
 
 async def exchange(host, port, request, deadline):
     """One request on a fresh connection; raises TimeoutError at `deadline` (loop time)."""
-    loop, task = asyncio.get_running_loop(), asyncio.current_task()
-    done, connecting, expired = loop.create_future(), [True], []
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    done = loop.create_future()
+    connecting = [True]
+    expired = []
 
     def expire():  # one timer for connect and answer (asyncio.wait_for would cost a Task each)
         if connecting:
@@ -174,9 +188,14 @@ Record = collections.namedtuple("Record", "intended lag latency kind outcome sta
 class Load:
     """The open loop: fire requests at their intended times; record what happened to each."""
 
-    def __init__(self, plan, make_request, client_timeout_s=CLIENT_TIMEOUT_S, max_in_flight=MAX_IN_FLIGHT):
-        self.plan, self.make_request = plan, make_request  # plan: sorted list of (offset_s, kind)
-        self.client_timeout_s, self.max_in_flight = client_timeout_s, max_in_flight
+    def __init__(
+        self, plan, make_request, client_timeout_s=CLIENT_TIMEOUT_S, max_in_flight=MAX_IN_FLIGHT
+    ):
+        # plan: sorted list of (offset_s, kind)
+        self.plan = plan
+        self.make_request = make_request
+        self.client_timeout_s = client_timeout_s
+        self.max_in_flight = max_in_flight
         self.records = []  # one Record per request, in the order they ended
         self.in_flight = 0
         self.t0 = None
@@ -184,7 +203,9 @@ class Load:
     async def run(self, on_tick=None):
         loop = asyncio.get_running_loop()
         self.t0 = self.t0 or loop.time() + 0.05
-        tasks, i, n = set(), 0, len(self.plan)
+        tasks = set()
+        i = 0
+        n = len(self.plan)
         while i < n:
             now = loop.time()
             while i < n and self.t0 + self.plan[i][0] <= now:
@@ -192,7 +213,8 @@ class Load:
                 if self.in_flight >= self.max_in_flight:
                     self.records.append(Record(offset, 0.0, 0.0, kind, "capped", 0, 0))
                 else:
-                    self.in_flight += 1  # counted at launch, so arrivals due together respect the cap
+                    # counted at launch, so arrivals due together respect the cap
+                    self.in_flight += 1
                     task = loop.create_task(self.fire(offset, kind))
                     tasks.add(task)
                     task.add_done_callback(tasks.discard)
@@ -210,22 +232,31 @@ class Load:
         intended = self.t0 + offset
         lag = loop.time() - intended
         deadline = intended + self.client_timeout_s
-        status, outcome, attempt = 0, "conn", 0
+        status = 0
+        outcome = "conn"
+        attempt = 0
         try:
-            for attempt, (host, port, request, on_answer, retry) in enumerate(self.make_request(kind), 1):  # noqa: B007
+            # noqa: B007
+            for attempt, (host, port, request, on_answer, retry) in enumerate(
+                self.make_request(kind), 1
+            ):
                 try:
                     status, body = await exchange(host, port, request, deadline)
                     outcome = outcome_of(status)
                     on_answer(status, body)
                 except TimeoutError:
-                    status, outcome = 0, "timeout"
+                    status = 0
+                    outcome = "timeout"
                 except OSError:
-                    status, outcome = 0, "conn"
+                    status = 0
+                    outcome = "conn"
                 if outcome in ("ok", "4xx") or not retry or loop.time() >= deadline:
                     break
         finally:
             self.in_flight -= 1
-        self.records.append(Record(offset, lag, loop.time() - intended, kind, outcome, status, attempt))
+        self.records.append(
+            Record(offset, lag, loop.time() - intended, kind, outcome, status, attempt)
+        )
 
 
 # === SCENARIOS ===
@@ -235,8 +266,15 @@ class Load:
 
 
 def phase(name, full_s, quick_s, load, payment=None, shipping=None, fault=False):
-    return {"name": name, "full_s": full_s, "quick_s": quick_s, "load": load,
-            "payment": payment or {}, "shipping": shipping or {}, "fault": fault}
+    return {
+        "name": name,
+        "full_s": full_s,
+        "quick_s": quick_s,
+        "load": load,
+        "payment": payment or {},
+        "shipping": shipping or {},
+        "fault": fault,
+    }
 
 
 def before(full_s, quick_s, load):
@@ -255,8 +293,17 @@ def ramp(steps, full_s, quick_s, load, top, quick_steps):
     """A dependency that gets slowly worse: latency x1 -> x`top` in `steps` equal steps; --quick runs
     the first `quick_steps` of them."""
     factors = [1 + (top - 1) * (k + 1) / steps for k in range(steps)]
-    return [phase(f"worse x{f:.1f}", full_s / steps, quick_s / steps if k < quick_steps else 0, load,
-                  {"latency_factor": f}, fault=True) for k, f in enumerate(factors)]
+    return [
+        phase(
+            f"worse x{f:.1f}",
+            full_s / steps,
+            quick_s / steps if k < quick_steps else 0,
+            load,
+            {"latency_factor": f},
+            fault=True,
+        )
+        for k, f in enumerate(factors)
+    ]
 
 
 def scenario(about, *phases, checks, decisive, **more):
@@ -267,61 +314,112 @@ SCENARIOS = {
     "steady": scenario(
         "0.5x capacity, healthy: the baseline every version must keep",
         phase("steady", 10, 3, 0.5),
-        checks=[("error_pct", "<=", 1.0), ("p99_ms", "<=", 250)], decisive="p99_ms"),
+        checks=[("error_pct", "<=", 1.0), ("p99_ms", "<=", 250)],
+        decisive="p99_ms",
+    ),
     "spike": scenario(
         "3x capacity for the fault window: is the excess shed fast, or does it queue?",
-        before(3, 0, 0.5), phase("spike", 10, 2, 3.0, fault=True), after(8, 0, 0.5),
-        checks=[("timeouts", "<=", 0), ("p99_ms", "<=", 1000), ("shed_p99_ms", "<=", 100),
-                ("fault_goodput_x", ">=", 0.7)], decisive="p99_ms"),
+        before(3, 0, 0.5),
+        phase("spike", 10, 2, 3.0, fault=True),
+        after(8, 0, 0.5),
+        checks=[
+            ("timeouts", "<=", 0),
+            ("p99_ms", "<=", 1000),
+            ("shed_p99_ms", "<=", 100),
+            ("fault_goodput_x", ">=", 0.7),
+        ],
+        decisive="p99_ms",
+    ),
     "slow-payment": scenario(
         "0.8x capacity while payment is 3x slower: admitted work the dependency cannot serve",
-        before(3, 0, 0.8), phase("slow", 10, 3, 0.8, {"latency_factor": 3}, fault=True), after(8, 0, 0.8),
-        checks=[("timeouts", "<=", 0), ("p99_ms", "<=", 1000), ("shed_p99_ms", "<=", 100)], decisive="p99_ms"),
+        before(3, 0, 0.8),
+        phase("slow", 10, 3, 0.8, {"latency_factor": 3}, fault=True),
+        after(8, 0, 0.8),
+        checks=[("timeouts", "<=", 0), ("p99_ms", "<=", 1000), ("shed_p99_ms", "<=", 100)],
+        decisive="p99_ms",
+    ),
     "slow-shipping": scenario(
         "0.8x capacity while shipping is 5x slower: does a fulfilment backlog grow unseen?",
-        before(3, 0, 0.8), phase("slow", 15, 6, 0.8, shipping={"latency_factor": 5}, fault=True), after(6, 0, 0.8),
+        before(3, 0, 0.8),
+        phase("slow", 15, 6, 0.8, shipping={"latency_factor": 5}, fault=True),
+        after(6, 0, 0.8),
         checks=[("timeouts", "<=", 0), ("backlog_max", "<=", 100), ("lag_max_s", "<=", 2.0)],
-        decisive="lag_max_s"),
+        decisive="lag_max_s",
+    ),
     "hang-payment": scenario(
         "0.5x capacity; 20% of charges never answer: do hung calls leak resources?",
-        before(3, 1, 0.5), phase("hang", 10, 4, 0.5, {"hang_rate": 0.2}, fault=True), after(8, 3, 0.5),
+        before(3, 1, 0.5),
+        phase("hang", 10, 4, 0.5, {"hang_rate": 0.2}, fault=True),
+        after(8, 3, 0.5),
         checks=[("goodput_pct", ">=", 95), ("p99_ms", "<=", 1000), ("held_open_after", "<=", 0)],
-        decisive="goodput_pct"),
+        decisive="goodput_pct",
+    ),
     "flaky-payment": scenario(
         "0.5x capacity; charges fail, some after committing; clients retry with the same key",
-        before(2, 0, 0.5), phase("flaky", 10, 3, 0.5, {"error_rate": 0.1, "ambiguous_rate": 0.1}, fault=True),
-        after(4, 0, 0.5), client_retries=2,
-        checks=[("duplicate_charges", "<=", 0), ("duplicate_orders", "<=", 0)], decisive="duplicate_charges"),
+        before(2, 0, 0.5),
+        phase("flaky", 10, 3, 0.5, {"error_rate": 0.1, "ambiguous_rate": 0.1}, fault=True),
+        after(4, 0, 0.5),
+        client_retries=2,
+        checks=[("duplicate_charges", "<=", 0), ("duplicate_orders", "<=", 0)],
+        decisive="duplicate_charges",
+    ),
     "retry-storm": scenario(
         "0.6x capacity; payment struggles (2x slower, 80% of charges fail) briefly: do retries pile on?",
-        before(3, 1, 0.6), phase("brownout", 4, 2, 0.6, {"latency_factor": 2, "error_rate": 0.8}, fault=True),
+        before(3, 1, 0.6),
+        phase("brownout", 4, 2, 0.6, {"latency_factor": 2, "error_rate": 0.8}, fault=True),
         after(10, 3, 0.6),
-        checks=[("fault_amplification", "<=", 1.2), ("recovery_s", "<=", 3)], decisive="fault_amplification"),
+        checks=[("fault_amplification", "<=", 1.2), ("recovery_s", "<=", 3)],
+        decisive="fault_amplification",
+    ),
     "payment-down": scenario(
         "0.5x capacity, half POST, half GET /orders/<id>; payment blackholed",
-        before(3, 1, 0.5), phase("down", 10, 4, 0.5, {"blackhole": True}, fault=True), after(8, 3, 0.5),
+        before(3, 1, 0.5),
+        phase("down", 10, 4, 0.5, {"blackhole": True}, fault=True),
+        after(8, 3, 0.5),
         get_share=0.5,
-        checks=[("fault_post_p50_ms", "<=", 100), ("get_error_pct", "<=", 1.0), ("get_p99_ms", "<=", 250),
-                ("recovery_s", "<=", 3)], decisive="fault_post_p50_ms"),
+        checks=[
+            ("fault_post_p50_ms", "<=", 100),
+            ("get_error_pct", "<=", 1.0),
+            ("get_p99_ms", "<=", 250),
+            ("recovery_s", "<=", 3),
+        ],
+        decisive="fault_post_p50_ms",
+    ),
     "early-warning": scenario(
         "0.5x capacity; payment gets slowly worse: does a metric alert fire before users see errors?",
-        before(3, 0, 0.5), *ramp(8, 16, 10, 0.5, 3, quick_steps=6), after(4, 0, 0.5),
-        checks=[("alert_lead_s", ">=", 1.0)], decisive="alert_lead_s"),
+        before(3, 0, 0.5),
+        *ramp(8, 16, 10, 0.5, 3, quick_steps=6),
+        after(4, 0, 0.5),
+        checks=[("alert_lead_s", ">=", 1.0)],
+        decisive="alert_lead_s",
+    ),
     "partial-failure": scenario(
         "2x capacity + payment brownout (3x) + shipping down, then healthy: everything at once",
-        before(3, 0, 0.5), phase("partial", 8, 3, 2.0, {"latency_factor": 3}, {"down": True}, fault=True),
+        before(3, 0, 0.5),
+        phase("partial", 8, 3, 2.0, {"latency_factor": 3}, {"down": True}, fault=True),
         after(8, 4, 0.5),
-        checks=[("p99_ms", "<=", 1000), ("timeouts", "<=", 0), ("duplicate_charges", "<=", 0),
-                ("duplicate_orders", "<=", 0), ("lost_orders", "<=", 0), ("recovery_s", "<=", 3)],
-        decisive="lost_orders"),
+        checks=[
+            ("p99_ms", "<=", 1000),
+            ("timeouts", "<=", 0),
+            ("duplicate_charges", "<=", 0),
+            ("duplicate_orders", "<=", 0),
+            ("lost_orders", "<=", 0),
+            ("recovery_s", "<=", 3),
+        ],
+        decisive="lost_orders",
+    ),
 }
 
 # Each version's story: the scenario it fixes and the one that still breaks it.
 LADDER = {
-    "v0_1": ([], ["spike"]), "v0_2": (["spike"], ["slow-payment"]),
-    "v0_3": (["slow-payment", "slow-shipping"], ["hang-payment"]), "v0_4": (["hang-payment"], ["flaky-payment"]),
-    "v0_5": (["flaky-payment"], ["retry-storm"]), "v0_6": (["retry-storm"], ["payment-down"]),
-    "v0_7": (["payment-down"], ["early-warning"]), "v0_8": (["early-warning"], ["partial-failure"]),
+    "v0_1": ([], ["spike"]),
+    "v0_2": (["spike"], ["slow-payment"]),
+    "v0_3": (["slow-payment", "slow-shipping"], ["hang-payment"]),
+    "v0_4": (["hang-payment"], ["flaky-payment"]),
+    "v0_5": (["flaky-payment"], ["retry-storm"]),
+    "v0_6": (["retry-storm"], ["payment-down"]),
+    "v0_7": (["payment-down"], ["early-warning"]),
+    "v0_8": (["early-warning"], ["partial-failure"]),
     "v1_0": (["partial-failure"], []),
 }
 # Why a version without the scenario's fix fails it: the mechanism, in one line, for the story a run ends with.
@@ -342,7 +440,7 @@ WHY = {
 ALERT_WINDOW_S = 2.0  # the [2s] of the rules' rate()
 ALERT_RULES = {
     "PaymentSlow": "over 10% of payment calls slower than 100 ms in the last 2 s "
-                   "(dependency_request_duration_seconds, le=\"0.1\")",
+    "(dependency_request_duration_seconds, le=\"0.1\")",
     "FulfilmentStuck": "the oldest order waiting to ship has waited over 2 s (fulfilment_oldest_event_age_seconds)",
     "CircuitOpen": "a dependency's circuit breaker is open (circuit_breaker_state{state=\"open\"})",
 }
@@ -362,22 +460,33 @@ def phase_rates(scenario, capacity_rps, quick, duration_s=None, rate_rps=None):
     stretched = [p for p in scenario["phases"] if p["fault"]] or scenario["phases"]
     scale = duration_s / sum(p[key] for p in stretched) if duration_s else 1.0
     per_load = rps_per_load(scenario, capacity_rps, rate_rps)
-    return [(ph, ph[key] * (scale if ph in stretched else 1.0), ph["load"] * per_load) for ph in scenario["phases"]]
+    return [
+        (ph, ph[key] * (scale if ph in stretched else 1.0), ph["load"] * per_load)
+        for ph in scenario["phases"]
+    ]
 
 
 def plan_problem(name, scenario, capacity_rps, quick, duration_s=None, rate_rps=None):
     """Why this scenario's plan must not run (one sentence), or None. Cheap: no plan is built."""
     rates = phase_rates(scenario, capacity_rps, quick, duration_s, rate_rps)
-    if not all(math.isfinite(rps) and rps > 0 and math.isfinite(length) and length >= 0 for _, length, rps in rates):
-        return f"{name}: rates and lengths must be finite and > 0"  # expovariate(-5) would never end
+    if not all(
+        math.isfinite(rps) and rps > 0 and math.isfinite(length) and length >= 0
+        for _, length, rps in rates
+    ):
+        # expovariate(-5) would never end
+        return f"{name}: rates and lengths must be finite and > 0"
     peak = max(rps for _, _, rps in rates)
     if peak > MAX_RATE_RPS:
-        return (f"{name} would offer {peak:,.0f} req/s at its peak (limit {MAX_RATE_RPS:,} req/s): "
-                "lower --rate or --capacity")
+        return (
+            f"{name} would offer {peak:,.0f} req/s at its peak (limit {MAX_RATE_RPS:,} req/s): "
+            "lower --rate or --capacity"
+        )
     count = sum(length * rps for _, length, rps in rates)
     if count > MAX_PLANNED_REQUESTS:
-        return (f"{name} would plan ~{count:,.0f} requests (limit {MAX_PLANNED_REQUESTS:,} per run): "
-                "lower --rate, --capacity or --duration")
+        return (
+            f"{name} would plan ~{count:,.0f} requests (limit {MAX_PLANNED_REQUESTS:,} per run): "
+            "lower --rate, --capacity or --duration"
+        )
     return None
 
 
@@ -389,11 +498,14 @@ def make_plan(scenario, capacity_rps, quick, seed, duration_s=None, rate_rps=Non
     if problem:  # the CLI refuses these earlier; this guards every other caller
         raise ValueError(problem)
     rng = random.Random(seed)
-    plan, phases, t = [], [], 0.0
+    plan = []
+    phases = []
+    t = 0.0
     for ph, length, rate in phase_rates(scenario, capacity_rps, quick, duration_s, rate_rps):
         if length <= 0:  # --quick skips the "before" phases
             continue
-        start, end = t, t + length
+        start = t
+        end = t + length
         phases.append(dict(ph, start=start, end=end, rps=rate))
         t_next = start + rng.expovariate(rate)
         while t_next < end:
@@ -411,14 +523,23 @@ class Target:
     """A running orders service: spawned from a version file (and killed with all its children)."""
 
     def __init__(self, name, urls, proc=None, log_path=None):
-        self.name, self.urls, self.proc, self.log_path = name, urls, proc, log_path
+        self.name = name
+        self.urls = urls
+        self.proc = proc
+        self.log_path = log_path
 
     @classmethod
     def spawn(cls, path, seed, timeout_s=20.0):
         """Start `python path --port 0` in its own process group and wait for its READY line."""
         log = tempfile.NamedTemporaryFile("w+", prefix="loadtest-", suffix=".log", delete=False)
-        proc = subprocess.Popen([sys.executable, path, "--port", "0", "--seed", str(seed)], stdout=subprocess.PIPE,
-                                stderr=log, stdin=subprocess.DEVNULL, text=True, start_new_session=True)
+        proc = subprocess.Popen(
+            [sys.executable, path, "--port", "0", "--seed", str(seed)],
+            stdout=subprocess.PIPE,
+            stderr=log,
+            stdin=subprocess.DEVNULL,
+            text=True,
+            start_new_session=True,
+        )
         target = cls(version_name(path), {}, proc, log.name)
         RUNNING.append(target)
         deadline = time.monotonic() + timeout_s
@@ -429,13 +550,16 @@ class Target:
             if line.startswith("READY "):
                 target.urls = json.loads(line[6:])
                 drain = threading.Thread(target=lambda: [None for _ in proc.stdout], daemon=True)
-                drain.start()  # keep reading: closing the pipe could kill it, a full pipe would block it
+                # keep reading: closing the pipe could kill it, a full pipe would block it
+                drain.start()
                 return target
             if not line:
                 break
         target.stop()
         tail = open(log.name).read()[-800:]
-        raise SystemExit(f"{path} did not print READY within {timeout_s:.0f} s; its stderr ends with:\n{tail}")
+        raise SystemExit(
+            f"{path} did not print READY within {timeout_s:.0f} s; its stderr ends with:\n{tail}"
+        )
 
     def stop(self):
         """Stop the whole process group (orders, payment, shipping): SIGTERM, then SIGKILL."""
@@ -467,7 +591,8 @@ class Target:
             with open(f"/proc/{self.proc.pid}/status") as f:
                 fields = dict(line.split(":", 1) for line in f)
             with open(f"/proc/{self.proc.pid}/stat") as f:
-                ticks = f.read().rsplit(")", 1)[1].split()  # after the name: utime and stime at 11 and 12
+                # after the name: utime and stime at 11 and 12
+                ticks = f.read().rsplit(")", 1)[1].split()
             cpu_s = (int(ticks[11]) + int(ticks[12])) / os.sysconf("SC_CLK_TCK")
             return int(fields["Threads"]), int(fields["VmRSS"].split()[0]) / 1024, cpu_s
         except (AttributeError, OSError, KeyError, ValueError, IndexError):
@@ -482,11 +607,16 @@ class Spawner:
     its start-up (~0.35 s: three Python processes) overlaps a wait instead of adding to the run's time."""
 
     def __init__(self, seed):
-        self.seed, self.ahead = seed, None  # ahead: (path, the future of its Target)
+        # ahead: (path, the future of its Target)
+        self.seed = seed
+        self.ahead = None
 
     def prepare(self, path):
         if path and not self.ahead:
-            self.ahead = (path, asyncio.get_running_loop().run_in_executor(None, Target.spawn, path, self.seed))
+            self.ahead = (
+                path,
+                asyncio.get_running_loop().run_in_executor(None, Target.spawn, path, self.seed),
+            )
 
     async def take(self, path):
         if self.ahead and self.ahead[0] == path:
@@ -500,7 +630,8 @@ class Spawner:
             future, self.ahead = self.ahead[1], None
             try:
                 (await future).stop()
-            except (Exception, SystemExit):  # it never started: nothing to stop, and the matrix still prints
+            # it never started: nothing to stop, and the matrix still prints
+            except (Exception, SystemExit):
                 pass
 
 
@@ -549,9 +680,14 @@ def find_version(name):
     if len(matches) == 1:
         return matches[0], None
     if matches:
-        return None, f"{name!r} matches several version files ({', '.join(map(os.path.basename, matches))})"
-    return None, (f"no version matches {name!r}: give one of {', '.join(available_versions()) or 'none found'} "
-                  "(or a file path)")
+        return (
+            None,
+            f"{name!r} matches several version files ({', '.join(map(os.path.basename, matches))})",
+        )
+    return None, (
+        f"no version matches {name!r}: give one of {', '.join(available_versions()) or 'none found'} "
+        "(or a file path)"
+    )
 
 
 def resolve_target(name):
@@ -601,7 +737,11 @@ def parse_metrics(text):
         if not head or line.startswith("#"):
             continue
         name, _, labels = head.partition("{")
-        pairs = frozenset(tuple(p.split("=", 1)) for p in labels.rstrip("}").replace('"', "").split(",") if "=" in p)
+        pairs = frozenset(
+            tuple(p.split("=", 1))
+            for p in labels.rstrip("}").replace('"', "").split(",")
+            if "=" in p
+        )
         try:
             metrics[name, pairs] = float(value)
         except ValueError:
@@ -617,21 +757,36 @@ async def scrape_alerts(url, history):
         return None
     if status != 200 or not isinstance(text, str):
         return None
-    metrics, now = parse_metrics(text), time.monotonic()
+    metrics = parse_metrics(text)
+    now = time.monotonic()
     payment = ("dependency", "payment")
 
     def total(name, *labels):
-        return sum(v for (n, pairs), v in metrics.items() if n == name and pairs >= {payment, *labels})
-    history.append((now, total("dependency_request_duration_seconds_count"),
-                    total("dependency_request_duration_seconds_bucket", ("le", "0.1"))))
-    firing, older = [], [h for h in history if h[0] <= now - ALERT_WINDOW_S]
-    if older and history[-1][1] > older[-1][1]:  # rate() over the window: calls, and calls within 100 ms
-        calls, fast = history[-1][1] - older[-1][1], history[-1][2] - older[-1][2]
+        return sum(
+            v for (n, pairs), v in metrics.items() if n == name and pairs >= {payment, *labels}
+        )
+
+    history.append(
+        (
+            now,
+            total("dependency_request_duration_seconds_count"),
+            total("dependency_request_duration_seconds_bucket", ("le", "0.1")),
+        )
+    )
+    firing = []
+    older = [h for h in history if h[0] <= now - ALERT_WINDOW_S]
+    # rate() over the window: calls, and calls within 100 ms
+    if older and history[-1][1] > older[-1][1]:
+        calls = history[-1][1] - older[-1][1]
+        fast = history[-1][2] - older[-1][2]
         if (calls - fast) / calls > 0.1:
             firing.append("PaymentSlow")
     if metrics.get(("fulfilment_oldest_event_age_seconds", frozenset()), 0) > 2:
         firing.append("FulfilmentStuck")
-    if any(n == "circuit_breaker_state" and ("state", "open") in pairs and v == 1 for (n, pairs), v in metrics.items()):
+    if any(
+        n == "circuit_breaker_state" and ("state", "open") in pairs and v == 1
+        for (n, pairs), v in metrics.items()
+    ):
         firing.append("CircuitOpen")
     return firing
 
@@ -640,32 +795,58 @@ class Run:
     """One scenario against one target: its plan, and everything measured while it runs (the steps below
     fill it in: the load, the chaos, the samples, the drain; summarise() reads it)."""
 
-    def __init__(self, target, scenario_name, capacity_rps, quick, seed, duration_s=None, rate_rps=None):
-        self.target, self.name, self.capacity_rps, self.quick = target, scenario_name, capacity_rps, quick
+    def __init__(
+        self, target, scenario_name, capacity_rps, quick, seed, duration_s=None, rate_rps=None
+    ):
+        self.target = target
+        self.name = scenario_name
+        self.capacity_rps = capacity_rps
+        self.quick = quick
         self.scenario = SCENARIOS[scenario_name]
-        self.plan, self.phases = make_plan(self.scenario, capacity_rps, quick, seed, duration_s, rate_rps)
+        self.plan, self.phases = make_plan(
+            self.scenario, capacity_rps, quick, seed, duration_s, rate_rps
+        )
         self.run_id = f"{scenario_name}-{seed}-{os.getpid()}-{int(time.time() * 1000) % 10**8}"
-        self.seed, self.load, self.before, self.after = seed, None, None, None
-        self.acked, self.sent = {}, {}  # ref -> when its 201 came; ref -> when it was sent (s into the run)
-        self.samples, self.problems = [], []  # problems: the run did not do what the scenario says
-        self.alert = {"metrics": False, "at": None}  # the target has /metrics; the first alert: (seconds, rule)
+        self.seed = seed
+        self.load = None
+        self.before = None
+        self.after = None
+        # ref -> when its 201 came; ref -> when it was sent (s into the run)
+        self.acked = {}
+        self.sent = {}
+        # problems: the run did not do what the scenario says
+        self.samples = []
+        self.problems = []
+        # the target has /metrics; the first alert: (seconds, rule)
+        self.alert = {"metrics": False, "at": None}
         self.alert_history = []
 
 
-async def run_scenario(target, scenario_name, capacity_rps, quick, seed, progress, duration_s=None, rate_rps=None,
-                       on_load_done=None):
+async def run_scenario(
+    target,
+    scenario_name,
+    capacity_rps,
+    quick,
+    seed,
+    progress,
+    duration_s=None,
+    rate_rps=None,
+    on_load_done=None,
+):
     """Drive one scenario against one target and return the run's result dict.
 
     capacity_rps is C (checks judge goodput against it); rate_rps, if given, is what the first
     phase offers (--rate), else loads are multiples of C. on_load_done() is called when the load
     has ended, before fulfilment drains."""
-    run, loop = Run(target, scenario_name, capacity_rps, quick, seed, duration_s, rate_rps), asyncio.get_running_loop()
+    run = Run(target, scenario_name, capacity_rps, quick, seed, duration_s, rate_rps)
+    loop = asyncio.get_running_loop()
     run.load = Load(run.plan, request_maker(run))
     run.before = {role: await stats(target, role) for role in ("payment", "shipping")}
     for role in ("payment", "shipping"):
         await set_chaos(target, role, {})
     run.load.t0 = loop.time() + 0.05
-    driver, sampling = asyncio.ensure_future(drive_chaos(run)), asyncio.ensure_future(sample(run))
+    driver = asyncio.ensure_future(drive_chaos(run))
+    sampling = asyncio.ensure_future(sample(run))
     try:
         await run.load.run(tick_reporter(run, progress))
     finally:
@@ -687,8 +868,12 @@ async def run_scenario(target, scenario_name, capacity_rps, quick, seed, progres
 def request_maker(run):
     """What Load asks for each planned request: POST an order (with a ref and a key), or GET a placed one."""
     orders = urlsplit(run.target.urls["orders"])
-    host, port, loop = orders.hostname, orders.port, asyncio.get_running_loop()
-    refs, ids, rng = iter(range(10**9)), [], random.Random(run.seed + 1)
+    host = orders.hostname
+    port = orders.port
+    loop = asyncio.get_running_loop()
+    refs = iter(range(10**9))
+    ids = []
+    rng = random.Random(run.seed + 1)
     retries = run.scenario.get("client_retries", 0)
 
     def make_request(kind):
@@ -697,7 +882,12 @@ def request_maker(run):
             return [(host, port, request, lambda s, b: None, False)]
         ref = f"{run.run_id}-{next(refs)}"
         run.sent[ref] = loop.time() - run.load.t0
-        body = {"item": rng.choice(["book", "mug", "pen"]), "qty": rng.randint(1, 3), "customer": "load", "ref": ref}
+        body = {
+            "item": rng.choice(["book", "mug", "pen"]),
+            "qty": rng.randint(1, 3),
+            "customer": "load",
+            "ref": ref,
+        }
         request = build_request("POST", host, port, "/orders", body, {"Idempotency-Key": ref})
 
         def on_answer(status, data):
@@ -708,50 +898,70 @@ def request_maker(run):
                         ids.append(json.loads(data)["order_id"])
                     except (ValueError, KeyError, TypeError):
                         pass
+
         return [(host, port, request, on_answer, True)] * (1 + retries)
+
     return make_request
 
 
 async def drive_chaos(run):
     """Set each phase's faults on payment and shipping when the phase begins."""
-    loop, current = asyncio.get_running_loop(), {"payment": {}, "shipping": {}}
+    loop = asyncio.get_running_loop()
+    current = {"payment": {}, "shipping": {}}
     for ph in run.phases:
         await asyncio.sleep(max(0.0, run.load.t0 + ph["start"] - loop.time()))
         for role in ("payment", "shipping"):
             if ph[role] != current[role]:
                 if not await set_chaos(run.target, role, ph[role]):
-                    run.problems.append(f"could not set {role} chaos {ph[role]} at {ph['start']:.0f} s")
+                    run.problems.append(
+                        f"could not set {role} chaos {ph[role]} at {ph['start']:.0f} s"
+                    )
                 current[role] = ph[role]
 
 
 async def sample(run):
     """Every SAMPLE_EVERY_S: the orders process (threads, memory, CPU), the machine's CPU, the simulators'
     queues and shipments, and the alert rules on /metrics where there is one."""
-    loop, target, before = asyncio.get_running_loop(), run.target, run.before
-    cpu_before, orders_before = cpu_times(), (None, None)
+    loop = asyncio.get_running_loop()
+    target = run.target
+    before = run.before
+    cpu_before = cpu_times()
+    orders_before = (None, None)
     try:
-        run.alert["metrics"] = (await fetch_json(target.urls["orders"] + "/metrics"))[0] == 200  # from v0.8 on
+        # from v0.8 on
+        run.alert["metrics"] = (await fetch_json(target.urls["orders"] + "/metrics"))[0] == 200
     except (OSError, TimeoutError):
         pass
     while True:
         t = loop.time() - run.load.t0
-        pay, ship = await stats(target, "payment"), await stats(target, "shipping")
+        pay = await stats(target, "payment")
+        ship = await stats(target, "shipping")
         threads, rss, orders_cpu_s = target.process_sample()
         orders_cpu = None  # % of one core, the orders process alone
         if orders_cpu_s is not None and orders_before[0] is not None and t > orders_before[1]:
             orders_cpu = round(100 * (orders_cpu_s - orders_before[0]) / (t - orders_before[1]))
         orders_before = (orders_cpu_s, t)
-        cpu_now, cpu_pct = cpu_times(), None
+        cpu_now = cpu_times()
+        cpu_pct = None
         if cpu_before and cpu_now and cpu_now[0] > cpu_before[0]:  # machine busy %, all cores = 100
             cpu_pct = round(100 * (1 - (cpu_now[1] - cpu_before[1]) / (cpu_now[0] - cpu_before[0])))
         cpu_before = cpu_now
-        run.samples.append({"t": t, "threads": threads, "rss_mb": rss, "cpu_pct": cpu_pct,
-                            "orders_cpu_pct": orders_cpu,
-                            "shipped": ship["unique_refs"] - before["shipping"]["unique_refs"]
-                            if ship and before["shipping"] else None,
-                            "payment_queue": pay["queue_depth"] if pay else None,
-                            "held_open": pay["held_open"] if pay else None})
-        if run.alert["at"] is None and run.alert["metrics"]:  # in every scenario: a false alarm counts too
+        run.samples.append(
+            {
+                "t": t,
+                "threads": threads,
+                "rss_mb": rss,
+                "cpu_pct": cpu_pct,
+                "orders_cpu_pct": orders_cpu,
+                "shipped": ship["unique_refs"] - before["shipping"]["unique_refs"]
+                if ship and before["shipping"]
+                else None,
+                "payment_queue": pay["queue_depth"] if pay else None,
+                "held_open": pay["held_open"] if pay else None,
+            }
+        )
+        # in every scenario: a false alarm counts too
+        if run.alert["at"] is None and run.alert["metrics"]:
             firing = await scrape_alerts(target.urls["orders"], run.alert_history)
             if firing:
                 run.alert["at"] = (t, firing[0])
@@ -760,30 +970,40 @@ async def sample(run):
 
 def tick_reporter(run, progress):
     """Load.run's on_tick: the live progress line, at most twice a second."""
-    total_s, shown = run.phases[-1]["end"], [0.0]
+    total_s = run.phases[-1]["end"]
+    shown = [0.0]
 
     def on_tick(t):
         if t - shown[0] < 0.5:
             return
         shown[0] = t
-        progress(f"{run.target.name} {run.name}: {min(t, total_s):5.1f}/{total_s:.0f} s  "
-                 f"in flight {run.load.in_flight:5d}  done {len(run.load.records):6d}")
+        progress(
+            f"{run.target.name} {run.name}: {min(t, total_s):5.1f}/{total_s:.0f} s  "
+            f"in flight {run.load.in_flight:5d}  done {len(run.load.records):6d}"
+        )
+
     return on_tick
 
 
 async def drain_fulfilment(run, progress):
     """Give fulfilment time to ship what was acknowledged before ground truth is read: until all of it
     has shipped, nothing more has shipped for DRAIN_IDLE_S, or 4 s (quick; else 10 s) have passed."""
-    loop, before = asyncio.get_running_loop(), run.before["shipping"]
-    deadline, shipped, moved_at = loop.time() + (4 if run.quick else 10), None, loop.time()
+    loop = asyncio.get_running_loop()
+    before = run.before["shipping"]
+    deadline = loop.time() + (4 if run.quick else 10)
+    shipped = None
+    moved_at = loop.time()
     while loop.time() < deadline and loop.time() - moved_at < DRAIN_IDLE_S and before:
         ship = await stats(run.target, "shipping")
         if ship is None or ship["unique_refs"] - before["unique_refs"] >= len(run.acked):
             break
         if ship["unique_refs"] != shipped:
-            shipped, moved_at = ship["unique_refs"], loop.time()
-        progress(f"{run.target.name} {run.name}: draining fulfilment, "
-                 f"{len(run.acked) - ship['unique_refs'] + before['unique_refs']} orders not shipped yet")
+            shipped = ship["unique_refs"]
+            moved_at = loop.time()
+        progress(
+            f"{run.target.name} {run.name}: draining fulfilment, "
+            f"{len(run.acked) - ship['unique_refs'] + before['unique_refs']} orders not shipped yet"
+        )
         await asyncio.sleep(0.05)
 
 
@@ -791,17 +1011,23 @@ def capacity_of(payment_stats):
     """C from payment's /stats when it is a sane number, else the default: a /stats answer must
     not be able to size a load past the limits the command line is held to."""
     value = (payment_stats or {}).get("capacity_rps")
-    if isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value <= MAX_CAPACITY_RPS:
+    if (
+        isinstance(value, (int, float))
+        and not isinstance(value, bool)
+        and 0 < value <= MAX_CAPACITY_RPS
+    ):
         return value
     return DEFAULT_CAPACITY_RPS
 
 
 def make_progress(enabled):
     """A one-line live status on stderr when it is a terminal."""
+
     def progress(text):
         if enabled:
             sys.stderr.write("\r\033[K" + text)
             sys.stderr.flush()
+
     return progress
 
 
@@ -817,14 +1043,24 @@ async def run_all(args, out):
             return [await probe(target, capacity, args.quick, out, args.rate)]
         finally:
             target.stop()
-    results, cells, started = [], [(path, name) for path, names in runs for name in names], time.monotonic()
+    results = []
+    cells = [(path, name) for path, names in runs for name in names]
+    started = time.monotonic()
     spawner = Spawner(args.seed)
     try:
         for done, (path, name) in enumerate(cells):
+
             def cell_progress(text, done=done):
                 elapsed = time.monotonic() - started
-                left = f" · ~{elapsed / done * (len(cells) - done) / 60:.0f} min left" if done else ""
-                progress(f"[{done + 1}/{len(cells)} · {elapsed / 60:.0f} min{left}] {text}" if text else "")
+                left = (
+                    f" · ~{elapsed / done * (len(cells) - done) / 60:.0f} min left" if done else ""
+                )
+                progress(
+                    f"[{done + 1}/{len(cells)} · {elapsed / 60:.0f} min{left}] {text}"
+                    if text
+                    else ""
+                )
+
             following = cells[done + 1][0] if done + 1 < len(cells) else None
             result = await run_cell(args, path, name, cell_progress, out, spawner, following)
             if result:
@@ -843,8 +1079,13 @@ async def run_cell(args, path, name, progress, out, spawner, following=None):
     The version of the cell `following` this one is started while this one drains."""
     if args.url:
         urls = {"orders": args.url.rstrip("/")}
-        urls.update({k: v.rstrip("/") for k, v in (("payment", args.payment_url),
-                                                    ("shipping", args.shipping_url)) if v})
+        urls.update(
+            {
+                k: v.rstrip("/")
+                for k, v in (("payment", args.payment_url), ("shipping", args.shipping_url))
+                if v
+            }
+        )
         target = Target(urls["orders"], urls)
         faulty = any(p["payment"] or p["shipping"] for p in SCENARIOS[name]["phases"])
         if faulty and not (args.payment_url and args.shipping_url):
@@ -856,11 +1097,22 @@ async def run_cell(args, path, name, progress, out, spawner, following=None):
         try:
             # C: --capacity, else what payment says. --rate, if given, sets the offered load instead.
             capacity = args.capacity or capacity_of(await stats(target, "payment"))
-            problem = plan_problem(name, SCENARIOS[name], capacity, args.quick, args.duration, args.rate)
+            problem = plan_problem(
+                name, SCENARIOS[name], capacity, args.quick, args.duration, args.rate
+            )
             if problem:  # C read from /stats can differ from the default parse_args checked with
                 raise SystemExit(f"refusing to run: {problem}")
-            result = await run_scenario(target, name, capacity, args.quick, args.seed, progress, args.duration,
-                                        rate_rps=args.rate, on_load_done=lambda: spawner.prepare(following))
+            result = await run_scenario(
+                target,
+                name,
+                capacity,
+                args.quick,
+                args.seed,
+                progress,
+                args.duration,
+                rate_rps=args.rate,
+                on_load_done=lambda: spawner.prepare(following),
+            )
         finally:
             if target.proc:
                 target.stop()
@@ -879,20 +1131,36 @@ def percentile(values, q):
     if not values:
         return None
     ordered = sorted(values)
-    rank = math.ceil(round(q * len(ordered) / 100, 9))  # round: 99.9 * 1000 / 100 is 999.0000000000001
+    # round: 99.9 * 1000 / 100 is 999.0000000000001
+    rank = math.ceil(round(q * len(ordered) / 100, 9))
     return ordered[max(0, rank - 1)]
 
 
 def latency_summary(latencies_s):
-    return {name: None if percentile(latencies_s, q) is None else round(percentile(latencies_s, q) * 1000, 1)
-            for name, q in (("p50", 50), ("p90", 90), ("p99", 99), ("p999", 99.9), ("max", 100))}
+    return {
+        name: None
+        if percentile(latencies_s, q) is None
+        else round(percentile(latencies_s, q) * 1000, 1)
+        for name, q in (("p50", 50), ("p90", 90), ("p99", 99), ("p999", 99.9), ("max", 100))
+    }
 
 
 def summarise(run):
     """Everything a run measured, the figures the checks use, and the verdict."""
-    target, scenario_name, load, phases, capacity_rps = run.target, run.name, run.load, run.phases, run.capacity_rps
-    acked, sent, samples, before, after, alert = run.acked, run.sent, run.samples, run.before, run.after, run.alert
-    scenario, recs, run_id = run.scenario, load.records, run.run_id
+    target = run.target
+    scenario_name = run.name
+    load = run.load
+    phases = run.phases
+    capacity_rps = run.capacity_rps
+    acked = run.acked
+    sent = run.sent
+    samples = run.samples
+    before = run.before
+    after = run.after
+    alert = run.alert
+    scenario = run.scenario
+    recs = load.records
+    run_id = run.run_id
     fault = [p for p in phases if p["fault"]]
     fault_start = fault[0]["start"] if fault else None
     fault_end = fault[-1]["end"] if fault else None
@@ -901,8 +1169,11 @@ def summarise(run):
     counts["sent"] = len(recs) - counts["capped"]
     counts["attempts"] = sum(r.attempts for r in recs if r.kind == "post")
     total_s = phases[-1]["end"]
-    figures = {"offered_rps": round(len(recs) / total_s, 1), "goodput_rps": round(len(ok) / total_s, 1),
-               "capacity_rps": capacity_rps}
+    figures = {
+        "offered_rps": round(len(recs) / total_s, 1),
+        "goodput_rps": round(len(ok) / total_s, 1),
+        "capacity_rps": capacity_rps,
+    }
     lat = latency_summary([r.latency for r in ok])
     figures.update({f"{k}_ms": v for k, v in lat.items()})
     bad = [r for r in recs if r.outcome not in ("ok", "shed", "4xx")]
@@ -911,16 +1182,29 @@ def summarise(run):
     figures["shed_p99_ms"] = _ms(percentile([r.latency for r in recs if r.outcome == "shed"], 99))
     in_fault = [r for r in recs if fault and fault_start <= r.intended < fault_end]
     if fault:
-        done_in_fault = [r for r in ok if fault_start <= r.intended + r.latency < fault_end]  # by completion time
-        figures["fault_goodput_x"] = round(len(done_in_fault) / (fault_end - fault_start) / capacity_rps, 2)
+        # by completion time
+        done_in_fault = [r for r in ok if fault_start <= r.intended + r.latency < fault_end]
+        figures["fault_goodput_x"] = round(
+            len(done_in_fault) / (fault_end - fault_start) / capacity_rps, 2
+        )
         late = [r for r in recs if fault_start <= r.intended]
-        figures["goodput_pct"] = round(100 * sum(1 for r in late if r.outcome == "ok") / max(1, len(late)), 1)
-        second_half = [r for r in in_fault if r.kind == "post" and r.intended >= (fault_start + fault_end) / 2]
+        figures["goodput_pct"] = round(
+            100 * sum(1 for r in late if r.outcome == "ok") / max(1, len(late)), 1
+        )
+        second_half = [
+            r for r in in_fault if r.kind == "post" and r.intended >= (fault_start + fault_end) / 2
+        ]
         figures["fault_post_p50_ms"] = _ms(percentile([r.latency for r in second_half], 50))
     # Reads from the fault's second half on: a breaker's first half-second of learning is not what it is for.
-    gets = [r for r in recs if r.kind == "get" and (not fault or r.intended >= (fault_start + fault_end) / 2)]
+    gets = [
+        r
+        for r in recs
+        if r.kind == "get" and (not fault or r.intended >= (fault_start + fault_end) / 2)
+    ]
     if gets:
-        figures["get_error_pct"] = round(100 * sum(1 for r in gets if r.outcome != "ok") / len(gets), 2)
+        figures["get_error_pct"] = round(
+            100 * sum(1 for r in gets if r.outcome != "ok") / len(gets), 2
+        )
         figures["get_p99_ms"] = _ms(percentile([r.latency for r in gets if r.outcome == "ok"], 99))
     timeline = build_timeline(recs, total_s, phases, samples, acked)
     figures["recovery_s"] = recovery_time(timeline, fault_end) if fault else None
@@ -931,25 +1215,54 @@ def summarise(run):
     rss = [s["rss_mb"] for s in samples if s["rss_mb"]]
     figures["peak_threads"] = max(threads) if threads else None
     cpu = [s["cpu_pct"] for s in samples if s["cpu_pct"] is not None]
-    figures["machine_cpu_p90_pct"] = percentile(cpu, 90)  # is capacity set by the simulators, not the CPU?
-    figures["orders_cpu_p90_pct"] = percentile([s["orders_cpu_pct"] for s in samples
-                                                if s["orders_cpu_pct"] is not None], 90)  # 100 = one core
+    # is capacity set by the simulators, not the CPU?
+    figures["machine_cpu_p90_pct"] = percentile(cpu, 90)
+    figures["orders_cpu_p90_pct"] = percentile(
+        [
+            s["orders_cpu_pct"]
+            for s in samples
+            # 100 = one core
+            if s["orders_cpu_pct"] is not None
+        ],
+        90,
+    )
     figures["peak_rss_mb"] = round(max(rss), 1) if rss else None
-    alert_at = alert["at"]  # "none": /metrics read and no alert (no false alarm); None: no /metrics to read
-    figures["first_alert"] = (f"{alert_at[1]} at {alert_at[0]:.1f} s" if alert_at
-                              else "none" if alert["metrics"] else None)
-    if scenario_name == "early-warning":  # the warning lead time: from the first alert to the first error a user sees
+    # "none": /metrics read and no alert (no false alarm); None: no /metrics to read
+    alert_at = alert["at"]
+    figures["first_alert"] = (
+        f"{alert_at[1]} at {alert_at[0]:.1f} s"
+        if alert_at
+        else "none"
+        if alert["metrics"]
+        else None
+    )
+    # the warning lead time: from the first alert to the first error a user sees
+    if scenario_name == "early-warning":
         first_error = min((r.intended for r in recs if r.outcome != "ok"), default=total_s)
         figures["alert_lead_s"] = None if alert_at is None else round(first_error - alert_at[0], 2)
     lags = [r.lag for r in recs if r.outcome != "capped"]
     figures["schedule_lag_p99_ms"] = _ms(percentile(lags, 99))
     verdict, reasons = distrust(*judge(scenario, figures), figures["schedule_lag_p99_ms"])
-    return {"target": target.name, "scenario": scenario_name, "verdict": verdict, "reasons": reasons,
-            "latency_ms": lat, "counts": counts, "ground_truth": truth, "recovery_s": figures["recovery_s"],
-            "figures": figures, "decisive": scenario["decisive"],
-            "phases": [{k: p[k] for k in ("name", "start", "end", "load", "rps", "payment", "shipping", "fault")}
-                       for p in phases],
-            "timeline": timeline}
+    return {
+        "target": target.name,
+        "scenario": scenario_name,
+        "verdict": verdict,
+        "reasons": reasons,
+        "latency_ms": lat,
+        "counts": counts,
+        "ground_truth": truth,
+        "recovery_s": figures["recovery_s"],
+        "figures": figures,
+        "decisive": scenario["decisive"],
+        "phases": [
+            {
+                k: p[k]
+                for k in ("name", "start", "end", "load", "rps", "payment", "shipping", "fault")
+            }
+            for p in phases
+        ],
+        "timeline": timeline,
+    }
 
 
 def _ms(seconds):
@@ -959,8 +1272,10 @@ def _ms(seconds):
 def build_timeline(recs, total_s, phases, samples, acked):
     """Per-second buckets by intended send time: offered, ok, shed, errors, p99, and samples."""
     seconds = int(math.ceil(total_s))
-    buckets = [{"t": s, "offered": 0, "ok": 0, "shed": 0, "errors": 0, "timeouts": 0, "lat": []}
-               for s in range(seconds)]
+    buckets = [
+        {"t": s, "offered": 0, "ok": 0, "shed": 0, "errors": 0, "timeouts": 0, "lat": []}
+        for s in range(seconds)
+    ]
     for r in recs:
         b = buckets[min(int(r.intended), seconds - 1)]
         b["offered"] += 1
@@ -998,8 +1313,12 @@ def recovery_time(timeline, fault_end):
     start = int(math.ceil(fault_end))
     good_from = None
     for b in timeline[start:]:
-        good = (b["errors"] == 0 and b["shed"] <= 0.1 * b["offered"]  # shedding everything is not recovered
-                and (b["p99_ms"] is None or b["p99_ms"] <= RECOVERED_P99_MS))
+        # shedding everything is not recovered
+        good = (
+            b["errors"] == 0
+            and b["shed"] <= 0.1 * b["offered"]
+            and (b["p99_ms"] is None or b["p99_ms"] <= RECOVERED_P99_MS)
+        )
         if good and good_from is None:
             good_from = b["t"]
         elif not good:
@@ -1015,12 +1334,14 @@ def per_order(by_ref, refs):
 
 def ground_truth(before, after, run_id, acked, fault_refs, timeline):
     """Duplicates, lost and orphan orders, amplification and zombie work, from the simulators' /stats."""
-    pay, ship = after.get("payment"), after.get("shipping")
+    pay = after.get("payment")
+    ship = after.get("shipping")
     truth = {}
     if pay and before.get("payment"):
         charged = {ref: n for ref, n in pay.get("refs", {}).items() if ref.startswith(run_id)}
         truth["duplicate_charges"] = sum(1 for n in charged.values() if n > 1)
-        truth["orphan_charges"] = sum(1 for ref in charged if ref not in acked)  # charged, but told it failed
+        # charged, but told it failed
+        truth["orphan_charges"] = sum(1 for ref in charged if ref not in acked)
         truth["payment_calls"] = pay["calls"] - before["payment"]["calls"]
         calls = {ref: n for ref, n in pay.get("calls_by_ref", {}).items() if ref.startswith(run_id)}
         work = {ref: pay.get("work_by_ref", {}).get(ref, 0) for ref in calls}
@@ -1036,7 +1357,9 @@ def ground_truth(before, after, run_id, acked, fault_refs, timeline):
         shipped = {ref: n for ref, n in ship.get("refs", {}).items() if ref.startswith(run_id)}
         truth["duplicate_orders"] = sum(1 for n in shipped.values() if n > 1)
         truth["lost_orders"] = sum(1 for ref in acked if ref not in shipped)
-        truth["zombie_work"] = truth.get("zombie_work", 0) + ship["zombie"] - before["shipping"]["zombie"]
+        truth["zombie_work"] = (
+            truth.get("zombie_work", 0) + ship["zombie"] - before["shipping"]["zombie"]
+        )
         backlogs = [b["backlog"] for b in timeline if b["backlog"] is not None]
         lags = [b["lag_s"] for b in timeline if b["lag_s"] is not None]
         truth["backlog_max"] = max(backlogs) if backlogs else None
@@ -1049,20 +1372,26 @@ def distrust(verdict, reasons, lag_ms):
     measured the machine, not the target, so it gets no verdict (run_all runs it once more)."""
     if lag_ms is None or lag_ms <= UNTRUSTED_LAG_MS:
         return verdict, reasons
-    return "untrusted", [f"loadtest ran {lag_ms:,.0f} ms behind its own schedule (p99 > "
-                         f"{UNTRUSTED_LAG_MS} ms): the machine was too busy to measure this target"] + reasons
+    return "untrusted", [
+        f"loadtest ran {lag_ms:,.0f} ms behind its own schedule (p99 > "
+        f"{UNTRUSTED_LAG_MS} ms): the machine was too busy to measure this target"
+    ] + reasons
 
 
 def judge(scenario, figures):
     """Apply the scenario's checks; a figure we could not measure fails its check, saying why."""
-    reasons, verdict = [], "pass"
+    reasons = []
+    verdict = "pass"
     ops = {"<=": lambda a, b: a <= b, ">=": lambda a, b: a >= b}
     for figure, op, bound in scenario["checks"]:
         value = figures.get(figure)
         if value is None:
-            why = {"recovery_s": "never recovered before the run ended",
-                   "alert_lead_s": "no alert fired (no /metrics, or none of its alert rules fired)",
-                   "shed_p99_ms": None, "get_p99_ms": "no GET succeeded"}.get(figure, "not measurable here")
+            why = {
+                "recovery_s": "never recovered before the run ended",
+                "alert_lead_s": "no alert fired (no /metrics, or none of its alert rules fired)",
+                "shed_p99_ms": None,
+                "get_p99_ms": "no GET succeeded",
+            }.get(figure, "not measurable here")
             if why is None:  # nothing was shed: nothing to be slow about
                 reasons.append(f"{figure}: nothing shed (ok)")
                 continue
@@ -1089,34 +1418,56 @@ def fmt(value, unit=""):
 
 def print_run(result, out=sys.stdout):
     """The per-run report: latency, outcomes, ground truth, timeline strip, verdict."""
-    f, c, lat = result["figures"], result["counts"], result["latency_ms"]
+    f = result["figures"]
+    c = result["counts"]
+    lat = result["latency_ms"]
     mark = result["verdict"].upper()  # PASS, FAIL or UNTRUSTED
     w = out.write
-    w(f"\n== {result['target']} · {result['scenario']} · {SCENARIOS[result['scenario']]['about']}\n")
-    w(f"   offered {fmt(f['offered_rps'])} req/s · goodput {fmt(f['goodput_rps'])} req/s · "
-      f"capacity C = {fmt(f['capacity_rps'])} req/s\n")
-    w("   latency of successes (ms)   " + "  ".join(f"{k} {fmt(lat[k])}" for k in ("p50", "p90", "p99", "p999", "max"))
-      + "\n")
-    w("   outcomes   " + "  ".join(f"{k} {c[k]}" for k in OUTCOMES if c[k] or k in ("ok", "shed", "timeout"))
-      + f"   (attempts {c['attempts']})\n")
+    w(
+        f"\n== {result['target']} · {result['scenario']} · {SCENARIOS[result['scenario']]['about']}\n"
+    )
+    w(
+        f"   offered {fmt(f['offered_rps'])} req/s · goodput {fmt(f['goodput_rps'])} req/s · "
+        f"capacity C = {fmt(f['capacity_rps'])} req/s\n"
+    )
+    w(
+        "   latency of successes (ms)   "
+        + "  ".join(f"{k} {fmt(lat[k])}" for k in ("p50", "p90", "p99", "p999", "max"))
+        + "\n"
+    )
+    w(
+        "   outcomes   "
+        + "  ".join(f"{k} {c[k]}" for k in OUTCOMES if c[k] or k in ("ok", "shed", "timeout"))
+        + f"   (attempts {c['attempts']})\n"
+    )
     g = result["ground_truth"]
     if g:
-        w(f"   ground truth   duplicate charges {fmt(g.get('duplicate_charges'))} · orphan charges "
-          f"{fmt(g.get('orphan_charges'))} · duplicate orders {fmt(g.get('duplicate_orders'))} · lost orders "
-          f"{fmt(g.get('lost_orders'))} · zombie work {fmt(g.get('zombie_work'))} · held open after "
-          f"{fmt(g.get('held_open_after'))}\n"
-          f"   payment work per order (amplification) {fmt(g.get('amplification'))}x, in the fault window "
-          f"{fmt(g.get('fault_amplification'))}x · calls per order (409s too) {fmt(g.get('calls_per_order'))}\n")
+        w(
+            f"   ground truth   duplicate charges {fmt(g.get('duplicate_charges'))} · orphan charges "
+            f"{fmt(g.get('orphan_charges'))} · duplicate orders {fmt(g.get('duplicate_orders'))} · lost orders "
+            f"{fmt(g.get('lost_orders'))} · zombie work {fmt(g.get('zombie_work'))} · held open after "
+            f"{fmt(g.get('held_open_after'))}\n"
+            f"   payment work per order (amplification) {fmt(g.get('amplification'))}x, in the fault window "
+            f"{fmt(g.get('fault_amplification'))}x · calls per order (409s too) {fmt(g.get('calls_per_order'))}\n"
+        )
     else:
         w("   ground truth   n/a (no simulator URLs: attach mode)\n")
-    w(f"   recovery {fmt(result['recovery_s'], ' s') if result['recovery_s'] is not None else 'n/a'} · "
-      f"peak threads {fmt(f['peak_threads'])} · peak RSS {fmt(f['peak_rss_mb'], ' MiB')} · machine CPU p90 "
-      f"{fmt(f['machine_cpu_p90_pct'], ' %')} (orders p90 {fmt(f['orders_cpu_p90_pct'], ' % of a core')}) · "
-      f"schedule lag p99 {fmt(f['schedule_lag_p99_ms'], ' ms')}\n")
+    w(
+        f"   recovery {fmt(result['recovery_s'], ' s') if result['recovery_s'] is not None else 'n/a'} · "
+        f"peak threads {fmt(f['peak_threads'])} · peak RSS {fmt(f['peak_rss_mb'], ' MiB')} · machine CPU p90 "
+        f"{fmt(f['machine_cpu_p90_pct'], ' %')} (orders p90 {fmt(f['orders_cpu_p90_pct'], ' % of a core')}) · "
+        f"schedule lag p99 {fmt(f['schedule_lag_p99_ms'], ' ms')}\n"
+    )
     if f.get("first_alert") or "alert_lead_s" in f:  # only a target with /metrics can raise one
-        w(f"   first alert {f.get('first_alert') or 'none (no /metrics)'}"
-          + (f" · warning lead {fmt(f['alert_lead_s'], ' s')} before the first error a user saw" if
-             f.get("alert_lead_s") is not None else "") + "\n")
+        w(
+            f"   first alert {f.get('first_alert') or 'none (no /metrics)'}"
+            + (
+                f" · warning lead {fmt(f['alert_lead_s'], ' s')} before the first error a user saw"
+                if f.get("alert_lead_s") is not None
+                else ""
+            )
+            + "\n"
+        )
     print_timeline(result["timeline"], out)
     w(f"   {mark}: " + "; ".join(result["reasons"]) + "\n")
 
@@ -1124,13 +1475,18 @@ def print_run(result, out=sys.stdout):
 def print_timeline(timeline, out):
     """One row per second; '#' marks seconds inside the fault window; cpu % is the whole machine's."""
     w = out.write
-    gave_up = f">{CLIENT_TIMEOUT_S * 1000:,.0f}"  # p99 when over 1% of users gave up: n/a would hide it
-    w("    t s     offered    ok  shed  errors    p99 ms  threads  pay.queue  backlog  lag s  cpu %\n")
+    # p99 when over 1% of users gave up: n/a would hide it
+    gave_up = f">{CLIENT_TIMEOUT_S * 1000:,.0f}"
+    w(
+        "    t s     offered    ok  shed  errors    p99 ms  threads  pay.queue  backlog  lag s  cpu %\n"
+    )
     for b in timeline:
         p99 = gave_up if b["timeouts"] > 0.01 * b["offered"] else fmt(b["p99_ms"])
-        w(f"   {b['t']:3d} {'#' if b['fault'] else ' '} {b['offered']:9d} {b['ok']:5d} {b['shed']:5d} {b['errors']:7d}"
-          f" {p99:>9} {fmt(b['threads']):>8} {fmt(b['payment_queue']):>10} {fmt(b['backlog']):>8}"
-          f" {fmt(b['lag_s']):>6} {fmt(b['cpu_pct']):>6}\n")
+        w(
+            f"   {b['t']:3d} {'#' if b['fault'] else ' '} {b['offered']:9d} {b['ok']:5d} {b['shed']:5d} {b['errors']:7d}"
+            f" {p99:>9} {fmt(b['threads']):>8} {fmt(b['payment_queue']):>10} {fmt(b['backlog']):>8}"
+            f" {fmt(b['lag_s']):>6} {fmt(b['cpu_pct']):>6}\n"
+        )
 
 
 def print_matrix(results, out=sys.stdout):
@@ -1143,14 +1499,26 @@ def print_matrix(results, out=sys.stdout):
         mark = {"pass": "✓", "fail": "✗"}.get(r["verdict"], "?")
         cell[(r["scenario"], r["target"])] = f"{mark} {fmt(r['figures'].get(r['decisive']))}"
     width = max([len(c) for c in cell.values()] + [len(t) for t in targets]) + 2
-    label = max([len(f"{s} ({decisive[s]})") for s in scenarios] + [len("scenario (decisive figure)")]) + 2
+    label = (
+        max([len(f"{s} ({decisive[s]})") for s in scenarios] + [len("scenario (decisive figure)")])
+        + 2
+    )
     out.write("\nLesson matrix\n")
-    out.write(f"   {'scenario (decisive figure)':{label}s}" + "".join(f"{t:>{width}s}" for t in targets) + "\n")
+    out.write(
+        f"   {'scenario (decisive figure)':{label}s}"
+        + "".join(f"{t:>{width}s}" for t in targets)
+        + "\n"
+    )
     for s in scenarios:
-        out.write(f"   {s + ' (' + decisive[s] + ')':{label}s}"
-                  + "".join(f"{cell.get((s, t), '-'):>{width}s}" for t in targets) + "\n")
-    out.write("   ✓ pass  ✗ fail  ? untrusted (the machine was too busy to measure)  ·  the same checks for every "
-              "version: python loadtest.py --list\n")
+        out.write(
+            f"   {s + ' (' + decisive[s] + ')':{label}s}"
+            + "".join(f"{cell.get((s, t), '-'):>{width}s}" for t in targets)
+            + "\n"
+        )
+    out.write(
+        "   ✓ pass  ✗ fail  ? untrusted (the machine was too busy to measure)  ·  the same checks for every "
+        "version: python loadtest.py --list\n"
+    )
 
 
 def print_story(results, out=sys.stdout):
@@ -1161,21 +1529,45 @@ def print_story(results, out=sys.stdout):
     if shown is None:
         return
     figure = shown["decisive"]
-    seen = "fails" if shown["verdict"] == "fail" else "passes" if shown["verdict"] == "pass" else "could not judge"
-    out.write(f"\nWhat you saw: {name} {seen} {shown['scenario']} ({figure} {fmt(shown['figures'].get(figure))}).\n")
+    seen = (
+        "fails"
+        if shown["verdict"] == "fail"
+        else "passes"
+        if shown["verdict"] == "pass"
+        else "could not judge"
+    )
+    out.write(
+        f"\nWhat you saw: {name} {seen} {shown['scenario']} ({figure} {fmt(shown['figures'].get(figure))}).\n"
+    )
     if shown["scenario"] in breaks:
         out.write(f"Why: {WHY[shown['scenario']]}.\n")
     else:
-        out.write(f"Why: {name} is the step that fixes it; `diff -u` it against its predecessor to see how.\n")
+        out.write(
+            f"Why: {name} is the step that fixes it; `diff -u` it against its predecessor to see how.\n"
+        )
     files = {version_name(p): os.path.basename(p) for p in version_files()}
     later = [v for v in files if v > name]
     if later:
-        out.write(f"Next: diff -u {files[name]} {files[later[0]]}   then   python loadtest.py --target {later[0]}\n")
+        out.write(
+            f"Next: diff -u {files[name]} {files[later[0]]}   then   python loadtest.py --target {later[0]}\n"
+        )
     else:
-        out.write("Next: python loadtest.py --compare all --quick --report course.html   (the whole course)\n")
+        out.write(
+            "Next: python loadtest.py --compare all --quick --report course.html   (the whole course)\n"
+        )
 
 
-PALETTE = ["#0072B2", "#E69F00", "#009E73", "#CC79A7", "#56B4E9", "#D55E00", "#999999", "#882255", "#000000"]
+PALETTE = [
+    "#0072B2",
+    "#E69F00",
+    "#009E73",
+    "#CC79A7",
+    "#56B4E9",
+    "#D55E00",
+    "#999999",
+    "#882255",
+    "#000000",
+]
 # Okabe and Ito's palette (its yellow swapped for Tol's wine, readable on white): told apart with every common
 # form of colour blindness; the last version drawn in black
 
@@ -1189,33 +1581,50 @@ def nice_ceiling(value):
 def svg_chart(lines, fault, title, unit, width=720, height=230):
     """One line chart: seconds into the run across, `unit` up, one line per (label, colour, [(t, value)]),
     the fault window (start, end) shaded, a legend; plain SVG, no script."""
-    left, right, top_pad, bottom = 58, 14, 40, 36
+    left = 58
+    right = 14
+    top_pad = 40
+    bottom = 36
     t_end = max([t for _, _, points in lines for t, _ in points] + [1.0]) + 0.5
-    top = nice_ceiling(max([v for _, _, points in lines for _, v in points if v is not None] + [1.0]))
+    top = nice_ceiling(
+        max([v for _, _, points in lines for _, v in points if v is not None] + [1.0])
+    )
     x = lambda t: left + (width - left - right) * t / t_end  # noqa: E731
     y = lambda v: top_pad + (height - top_pad - bottom) * (1 - v / top)  # noqa: E731
-    out = [f'<svg width="{width}" height="{height}" viewBox="0 0 {width} {height}" role="img" '
-           f'aria-label="{html.escape(title)}"><text x="{left}" y="14" class="title">{html.escape(title)}</text>']
+    out = [
+        f'<svg width="{width}" height="{height}" viewBox="0 0 {width} {height}" role="img" '
+        f'aria-label="{html.escape(title)}"><text x="{left}" y="14" class="title">{html.escape(title)}</text>'
+    ]
     if fault:
-        out.append(f'<rect x="{x(fault[0]):.1f}" y="{top_pad}" width="{x(fault[1]) - x(fault[0]):.1f}" '
-                   f'height="{height - top_pad - bottom}" fill="#fbe3e3"/><text x="{x(fault[0]) + 4:.1f}" '
-                   f'y="{top_pad + 12}" class="tick">fault</text>')
+        out.append(
+            f'<rect x="{x(fault[0]):.1f}" y="{top_pad}" width="{x(fault[1]) - x(fault[0]):.1f}" '
+            f'height="{height - top_pad - bottom}" fill="#fbe3e3"/><text x="{x(fault[0]) + 4:.1f}" '
+            f'y="{top_pad + 12}" class="tick">fault</text>'
+        )
     for k in range(5):  # value gridlines and ticks
         v = top * k / 4
-        out.append(f'<line x1="{left}" x2="{width - right}" y1="{y(v):.1f}" y2="{y(v):.1f}" stroke="#e3e3e3"/>'
-                   f'<text x="{left - 6}" y="{y(v) + 4:.1f}" class="tick" text-anchor="end">{v:,.4g}</text>')
+        out.append(
+            f'<line x1="{left}" x2="{width - right}" y1="{y(v):.1f}" y2="{y(v):.1f}" stroke="#e3e3e3"/>'
+            f'<text x="{left - 6}" y="{y(v) + 4:.1f}" class="tick" text-anchor="end">{v:,.4g}</text>'
+        )
     step = next((step for step in (1, 2, 5, 10) if t_end <= 10 * step), 10 * math.ceil(t_end / 100))
     for t in range(0, int(t_end) + 1, step):  # time ticks: about ten, whatever the run's length
-        out.append(f'<text x="{x(t):.1f}" y="{height - bottom + 15}" class="tick" text-anchor="middle">{t}</text>')
-    out.append(f'<text x="{(left + width - right) / 2:.0f}" y="{height - 6}" class="axis" text-anchor="middle">'
-               f'seconds into the run</text><text x="12" y="{(top_pad + height - bottom) / 2:.0f}" class="axis" '
-               f'text-anchor="middle" transform="rotate(-90 12 {(top_pad + height - bottom) / 2:.0f})">'
-               f'{html.escape(unit)}</text>')
+        out.append(
+            f'<text x="{x(t):.1f}" y="{height - bottom + 15}" class="tick" text-anchor="middle">{t}</text>'
+        )
+    out.append(
+        f'<text x="{(left + width - right) / 2:.0f}" y="{height - 6}" class="axis" text-anchor="middle">'
+        f'seconds into the run</text><text x="12" y="{(top_pad + height - bottom) / 2:.0f}" class="axis" '
+        f'text-anchor="middle" transform="rotate(-90 12 {(top_pad + height - bottom) / 2:.0f})">'
+        f'{html.escape(unit)}</text>'
+    )
     for i, (label, colour, points) in enumerate(lines):
         path = " ".join(f"{x(t):.1f},{y(v):.1f}" for t, v in points if v is not None)
-        out.append(f'<polyline fill="none" stroke="{colour}" stroke-width="2.2" points="{path}"/>'
-                   f'<rect x="{left + 8 + 66 * i}" y="22" width="12" height="4" fill="{colour}"/>'
-                   f'<text x="{left + 24 + 66 * i}" y="28" class="tick">{html.escape(label)}</text>')
+        out.append(
+            f'<polyline fill="none" stroke="{colour}" stroke-width="2.2" points="{path}"/>'
+            f'<rect x="{left + 8 + 66 * i}" y="22" width="12" height="4" fill="{colour}"/>'
+            f'<text x="{left + 24 + 66 * i}" y="28" class="tick">{html.escape(label)}</text>'
+        )
     return "".join(out) + "</svg>"
 
 
@@ -1236,40 +1645,56 @@ def write_report(results, path):
             figure = f" {fmt(r['figures'].get(r['decisive']))}" if r else "–"
             cells.append(f'<td class="{r["verdict"] if r else ""}">{mark}{figure}</td>')
         decisive = next(r["decisive"] for r in results if r["scenario"] == s)
-        rows.append(f"<tr><th>{html.escape(s)} <small>{html.escape(decisive)}</small></th>{''.join(cells)}</tr>")
+        rows.append(
+            f"<tr><th>{html.escape(s)} <small>{html.escape(decisive)}</small></th>{''.join(cells)}</tr>"
+        )
     sections = []
     for s in scenarios:
         runs = [run[s, t] for t in targets if (s, t) in run]
         faulty = [b["t"] for b in runs[0]["timeline"] if b["fault"]]
         fault = (min(faulty), max(faulty) + 1) if faulty else None
-        p99 = [(r["target"], colour[r["target"]], [(b["t"] + 0.5, b["p99_ms"]) for b in r["timeline"]]) for r in runs]
-        ok = [(r["target"], colour[r["target"]], [(b["t"] + 0.5, b["ok"]) for b in r["timeline"]]) for r in runs]
+        p99 = [
+            (r["target"], colour[r["target"]], [(b["t"] + 0.5, b["p99_ms"]) for b in r["timeline"]])
+            for r in runs
+        ]
+        ok = [
+            (r["target"], colour[r["target"]], [(b["t"] + 0.5, b["ok"]) for b in r["timeline"]])
+            for r in runs
+        ]
         verdicts = "".join(
             f'<details><summary><b>{html.escape(r["target"])}</b> <span class="{r["verdict"]}">'
             f'{r["verdict"].upper()}</span> · {html.escape(r["decisive"])} '
             f'{fmt(r["figures"].get(r["decisive"]))}</summary><ul>'
-            + "".join(f"<li>{html.escape(x)}</li>" for x in r["reasons"]) + "</ul></details>" for r in runs)
+            + "".join(f"<li>{html.escape(x)}</li>" for x in r["reasons"])
+            + "</ul></details>"
+            for r in runs
+        )
         about = SCENARIOS[s]["about"] + ("" if SCENARIOS[s]["about"].endswith("?") else ".")
-        sections.append(f'<section><h2>{html.escape(s)}</h2><p>{html.escape(about)} '
-                        f'Decisive figure: <code>{html.escape(runs[0]["decisive"])}</code>.</p>'
-                        + svg_chart(p99, fault, "p99 latency of successful requests, per second", "ms")
-                        + svg_chart(ok, fault, "goodput: successful requests per second", "req/s")
-                        + verdicts + "</section>")
-    page = ("<!doctype html><meta charset='utf-8'><meta name='viewport' content='width=device-width'>"
-            "<title>Failure-first playground: load test report</title><style>"
-            "body{font:15px/1.45 system-ui,sans-serif;margin:2em auto;max-width:60em;padding:0 1em;color:#222}"
-            "table{border-collapse:collapse;margin:1em 0;font-size:14px} "
-            "th,td{padding:.25em .5em;border:1px solid #ddd;"
-            "text-align:left;font-variant-numeric:tabular-nums;white-space:nowrap} td.pass{background:#e6f4ea}"
-            "td.fail{background:#fde8e8} td.untrusted{background:#fff4d6} svg{display:block;margin:.6em 0}"
-            "svg .title{font:600 13px system-ui,sans-serif} svg .tick{font:11px system-ui,sans-serif;fill:#444}"
-            "svg .axis{font:12px system-ui,sans-serif;fill:#444} .pass{color:#1e7b34} .fail{color:#b3261e}"
-            ".untrusted{color:#8a5a00} section{margin-top:2.2em} summary{cursor:pointer;margin:.2em 0}</style>"
-            "<h1>Failure-first playground: load test report</h1>"
-            "<p>✓ pass, ✗ fail, ? untrusted (the machine was too busy to measure), with each scenario's decisive "
-            "figure. The fault window is shaded red; latency is measured from each request's intended send "
-            "time.</p>"
-            f"<table><tr><th>scenario</th>{head}</tr>{''.join(rows)}</table>" + "".join(sections))
+        sections.append(
+            f'<section><h2>{html.escape(s)}</h2><p>{html.escape(about)} '
+            f'Decisive figure: <code>{html.escape(runs[0]["decisive"])}</code>.</p>'
+            + svg_chart(p99, fault, "p99 latency of successful requests, per second", "ms")
+            + svg_chart(ok, fault, "goodput: successful requests per second", "req/s")
+            + verdicts
+            + "</section>"
+        )
+    page = (
+        "<!doctype html><meta charset='utf-8'><meta name='viewport' content='width=device-width'>"
+        "<title>Failure-first playground: load test report</title><style>"
+        "body{font:15px/1.45 system-ui,sans-serif;margin:2em auto;max-width:60em;padding:0 1em;color:#222}"
+        "table{border-collapse:collapse;margin:1em 0;font-size:14px} "
+        "th,td{padding:.25em .5em;border:1px solid #ddd;"
+        "text-align:left;font-variant-numeric:tabular-nums;white-space:nowrap} td.pass{background:#e6f4ea}"
+        "td.fail{background:#fde8e8} td.untrusted{background:#fff4d6} svg{display:block;margin:.6em 0}"
+        "svg .title{font:600 13px system-ui,sans-serif} svg .tick{font:11px system-ui,sans-serif;fill:#444}"
+        "svg .axis{font:12px system-ui,sans-serif;fill:#444} .pass{color:#1e7b34} .fail{color:#b3261e}"
+        ".untrusted{color:#8a5a00} section{margin-top:2.2em} summary{cursor:pointer;margin:.2em 0}</style>"
+        "<h1>Failure-first playground: load test report</h1>"
+        "<p>✓ pass, ✗ fail, ? untrusted (the machine was too busy to measure), with each scenario's decisive "
+        "figure. The fault window is shaded red; latency is measured from each request's intended send "
+        "time.</p>"
+        f"<table><tr><th>scenario</th>{head}</tr>{''.join(rows)}</table>" + "".join(sections)
+    )
     with open(path, "w", encoding="utf-8") as f:
         f.write(page)
 
@@ -1282,13 +1707,18 @@ async def responder(kind, host, port):
     """'trivial' answers at once; 'stall' answers at once except 1 s of every 5 s (a GC pause)."""
     loop = asyncio.get_running_loop()
     body = b'{"status": "ok"}'
-    answer = (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nConnection: close\r\nContent-Length: "
-              + str(len(body)).encode() + b"\r\n\r\n" + body)
+    answer = (
+        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nConnection: close\r\nContent-Length: "
+        + str(len(body)).encode()
+        + b"\r\n\r\n"
+        + body
+    )
     t0 = loop.time()
 
     class Answer(asyncio.Protocol):
         def connection_made(self, transport):
-            self.transport, self.buf = transport, b""
+            self.transport = transport
+            self.buf = b""
 
         def data_received(self, data):
             self.buf += data
@@ -1305,15 +1735,23 @@ async def responder(kind, host, port):
             self.transport.close()
 
     server = await loop.create_server(Answer, host, port, backlog=4096)
-    print("READY " + json.dumps({"orders": f"http://{host}:{server.sockets[0].getsockname()[1]}"}), flush=True)
+    print(
+        "READY " + json.dumps({"orders": f"http://{host}:{server.sockets[0].getsockname()[1]}"}),
+        flush=True,
+    )
     parent = os.getppid()
     while os.getppid() == parent:
         await asyncio.sleep(0.5)
 
 
 def spawn_responder(kind):
-    proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--responder", kind],
-                            stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, os.path.abspath(__file__), "--responder", kind],
+        stdout=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        text=True,
+        start_new_session=True,
+    )
     target = Target(f"{kind} responder", {}, proc)
     RUNNING.append(target)
     if not select.select([proc.stdout], [], [], 10)[0]:
@@ -1328,16 +1766,26 @@ async def constant_load(url, rate, seconds):
     request = build_request("GET", parts.hostname, parts.port, "/")
     n = int(rate * seconds)
     plan = [(i / rate, "get") for i in range(n)]
-    load = Load(plan, lambda kind: [(parts.hostname, parts.port, request, lambda s, b: None, False)])
-    cpu0, wall0 = time.process_time(), time.monotonic()
+    load = Load(
+        plan, lambda kind: [(parts.hostname, parts.port, request, lambda s, b: None, False)]
+    )
+    cpu0 = time.process_time()
+    wall0 = time.monotonic()
     await load.run()
     cpu = time.process_time() - cpu0
     ok = [r for r in load.records if r.outcome == "ok"]
     on_time = sum(1 for r in load.records if r.outcome == "ok" and r.lag <= 0.002)
-    return {"rate": rate, "sent": n, "ok": len(ok), "on_time_pct": round(100 * on_time / n, 1),
-            "ok_pct": round(100 * len(ok) / n, 1), "lag_p99_ms": _ms(percentile([r.lag for r in load.records], 99)),
-            "cpu_us_per_request": round(cpu / n * 1e6), "wall_s": round(time.monotonic() - wall0, 2),
-            "latency_ms": latency_summary([r.latency for r in ok])}
+    return {
+        "rate": rate,
+        "sent": n,
+        "ok": len(ok),
+        "on_time_pct": round(100 * on_time / n, 1),
+        "ok_pct": round(100 * len(ok) / n, 1),
+        "lag_p99_ms": _ms(percentile([r.lag for r in load.records], 99)),
+        "cpu_us_per_request": round(cpu / n * 1e6),
+        "wall_s": round(time.monotonic() - wall0, 2),
+        "latency_ms": latency_summary([r.latency for r in ok]),
+    }
 
 
 async def calibrate(quick, out):
@@ -1345,13 +1793,19 @@ async def calibrate(quick, out):
     results = {"trivial": [], "stall": None}
     trivial = spawn_responder("trivial")
     try:
-        out.write("Calibrating against a trivial responder (its own process), constant-rate open loop:\n")
-        out.write("    rate/s   sent    ok %   within 2 ms of schedule %   lag p99 ms   CPU µs/req   p99 ms\n")
+        out.write(
+            "Calibrating against a trivial responder (its own process), constant-rate open loop:\n"
+        )
+        out.write(
+            "    rate/s   sent    ok %   within 2 ms of schedule %   lag p99 ms   CPU µs/req   p99 ms\n"
+        )
         for rate in (500, 1000, 2000, 3000, 4000, 5000):
             r = await constant_load(trivial.urls["orders"], rate, 2.0 if quick else 4.0)
             results["trivial"].append(r)
-            out.write(f"   {rate:7d} {r['sent']:6d} {r['ok_pct']:7.1f} {r['on_time_pct']:24.1f} "
-                      f"{fmt(r['lag_p99_ms']):>14} {r['cpu_us_per_request']:12d} {fmt(r['latency_ms']['p99']):>8}\n")
+            out.write(
+                f"   {rate:7d} {r['sent']:6d} {r['ok_pct']:7.1f} {r['on_time_pct']:24.1f} "
+                f"{fmt(r['lag_p99_ms']):>14} {r['cpu_us_per_request']:12d} {fmt(r['latency_ms']['p99']):>8}\n"
+            )
             out.flush()
             if r["ok_pct"] < 99 or (r["lag_p99_ms"] or 0) > 2:
                 break
@@ -1359,15 +1813,21 @@ async def calibrate(quick, out):
         trivial.stop()
     good = [r for r in results["trivial"] if r["ok_pct"] >= 99 and (r["lag_p99_ms"] or 0) <= 2]
     results["max_sustainable_rps"] = max((r["rate"] for r in good), default=0)
-    out.write(f"   -> sustains {results['max_sustainable_rps']} req/s with >= 99% of its schedule, lag p99 <= 2 ms\n")
+    out.write(
+        f"   -> sustains {results['max_sustainable_rps']} req/s with >= 99% of its schedule, lag p99 <= 2 ms\n"
+    )
     stall = spawn_responder("stall")
     try:
-        out.write("\nCoordinated-omission test: 200 req/s against a responder that stalls 1 s every 5 s\n")
+        out.write(
+            "\nCoordinated-omission test: 200 req/s against a responder that stalls 1 s every 5 s\n"
+        )
         r = await constant_load(stall.urls["orders"], 200, 10.0)
         results["stall"] = r
         lat = r["latency_ms"]
-        out.write(f"   p50 {fmt(lat['p50'])} ms  p90 {fmt(lat['p90'])} ms  p99 {fmt(lat['p99'])} ms  "
-                  f"max {fmt(lat['max'])} ms   (truth: 20% of requests wait 0-1 s, so p99 ~950 ms)\n")
+        out.write(
+            f"   p50 {fmt(lat['p50'])} ms  p90 {fmt(lat['p90'])} ms  p99 {fmt(lat['p99'])} ms  "
+            f"max {fmt(lat['max'])} ms   (truth: 20% of requests wait 0-1 s, so p99 ~950 ms)\n"
+        )
     finally:
         stall.stop()
     return results
@@ -1376,8 +1836,11 @@ async def calibrate(quick, out):
 async def probe(target, capacity_rps, quick, out, rate_rps=None):
     """A dependency's healthy latency, measured directly: where v0.4's timeouts come from."""
     results = {}
-    pay, ship = urlsplit(target.urls["payment"]), urlsplit(target.urls["shipping"])
-    plan, phases = make_plan({"phases": [phase("probe", 10, 4, 0.5)]}, capacity_rps, quick, 3, rate_rps=rate_rps)
+    pay = urlsplit(target.urls["payment"])
+    ship = urlsplit(target.urls["shipping"])
+    plan, phases = make_plan(
+        {"phases": [phase("probe", 10, 4, 0.5)]}, capacity_rps, quick, 3, rate_rps=rate_rps
+    )
     refs = iter(range(10**9))
 
     def call(url, path):
@@ -1387,18 +1850,26 @@ async def probe(target, capacity_rps, quick, out, rate_rps=None):
     load = Load(plan, lambda kind: [(*call(pay, "/charge"), lambda status, data: None, False)])
     await load.run()
     results["payment"] = latency_summary([r.latency for r in load.records if r.outcome == "ok"])
-    loop, latencies = asyncio.get_running_loop(), []
-    for _ in range(300 if quick else 1000):  # one caller in sequence, as the fulfilment worker calls
+    loop = asyncio.get_running_loop()
+    latencies = []
+    # one caller in sequence, as the fulfilment worker calls
+    for _ in range(300 if quick else 1000):
         start = loop.time()
         status, _ = await exchange(*call(ship, "/ship"), start + 5)
         if status == 200:
             latencies.append(loop.time() - start)
     results["shipping"] = latency_summary(latencies)
     out.write(f"Healthy latency of {target.name}'s dependencies, called directly (ms):\n")
-    out.write(f"   payment  POST /charge  open loop at {fmt(phases[0]['rps'])} req/s ({len(load.records)} calls)   "
-              + "  ".join(f"{k} {fmt(v)}" for k, v in results["payment"].items()) + "\n")
-    out.write(f"   shipping POST /ship    one caller in sequence ({len(latencies)} calls)   "
-              + "  ".join(f"{k} {fmt(v)}" for k, v in results["shipping"].items()) + "\n")
+    out.write(
+        f"   payment  POST /charge  open loop at {fmt(phases[0]['rps'])} req/s ({len(load.records)} calls)   "
+        + "  ".join(f"{k} {fmt(v)}" for k, v in results["payment"].items())
+        + "\n"
+    )
+    out.write(
+        f"   shipping POST /ship    one caller in sequence ({len(latencies)} calls)   "
+        + "  ".join(f"{k} {fmt(v)}" for k, v in results["shipping"].items())
+        + "\n"
+    )
     return results
 
 
@@ -1414,7 +1885,9 @@ def check_loopback(url, allow_remote):
     except ValueError:
         loopback = False
     if not loopback and not allow_remote:
-        raise SystemExit(f"refusing to load {host!r}: not a loopback address (pass --allow-remote if you mean it)")
+        raise SystemExit(
+            f"refusing to load {host!r}: not a loopback address (pass --allow-remote if you mean it)"
+        )
 
 
 def url_problem(url):
@@ -1425,7 +1898,8 @@ def url_problem(url):
         port = parts.port  # raises for a port out of range or not a number
     except ValueError as err:
         return f"{url!r} is malformed ({err})"
-    if not parts.netloc:  # '127.0.0.1:8080' parses as a path, 'localhost:8080' as scheme 'localhost'
+    # '127.0.0.1:8080' parses as a path, 'localhost:8080' as scheme 'localhost'
+    if not parts.netloc:
         return f"{url!r} has no http:// in front (did you mean http://{url}?)"
     if parts.scheme != "http":
         return f"{url!r}: only http:// URLs are supported, not {parts.scheme}://"
@@ -1475,10 +1949,16 @@ def plan_runs(args):
     if args.url:
         paths = [None]
     else:
-        names = ([args.target] if args.target else available_versions() if args.compare == "all"
-                 else [t.strip() for t in args.compare.split(",")])
+        names = (
+            [args.target]
+            if args.target
+            else available_versions()
+            if args.compare == "all"
+            else [t.strip() for t in args.compare.split(",")]
+        )
         paths = []
-        for name in names:  # all of them before the first run: a typo in the last must not cost the others
+        # all of them before the first run: a typo in the last must not cost the others
+        for name in names:
             path, why = find_version(name)
             if why:
                 raise ValueError(why)
@@ -1486,7 +1966,11 @@ def plan_runs(args):
     runs = []
     for path in paths:
         if args.scenario:
-            scenarios = list(SCENARIOS) if args.scenario == "all" else [s.strip() for s in args.scenario.split(",")]
+            scenarios = (
+                list(SCENARIOS)
+                if args.scenario == "all"
+                else [s.strip() for s in args.scenario.split(",")]
+            )
         else:
             fixes, breaks = LADDER.get(version_name(path) if path else "", ([], []))
             scenarios = ["steady"] + fixes + breaks
@@ -1506,7 +1990,8 @@ def raise_open_files_limit(wanted=OPEN_FILES_WANTED):
         return None
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     unlimited = resource.RLIM_INFINITY
-    goal = wanted if hard == unlimited else min(hard, wanted)  # RLIM_INFINITY is -1: min() would pick it
+    # RLIM_INFINITY is -1: min() would pick it
+    goal = wanted if hard == unlimited else min(hard, wanted)
     if soft != unlimited and soft < goal:
         try:
             resource.setrlimit(resource.RLIMIT_NOFILE, (goal, hard))
@@ -1514,9 +1999,11 @@ def raise_open_files_limit(wanted=OPEN_FILES_WANTED):
         except (ValueError, OSError):
             pass
     if soft != unlimited and soft < wanted:
-        return (f"note: open-files limit is {soft} (wanted {wanted}; hard limit "
-                f"{'unlimited' if hard == unlimited else hard}): a heavy load may count 'conn' errors "
-                "that are this machine's, not the target's")
+        return (
+            f"note: open-files limit is {soft} (wanted {wanted}; hard limit "
+            f"{'unlimited' if hard == unlimited else hard}): a heavy load may count 'conn' errors "
+            "that are this machine's, not the target's"
+        )
     return None
 
 
@@ -1524,13 +2011,17 @@ class OneLineParser(argparse.ArgumentParser):
     """argparse, but a usage error is one line (what is wrong), not the whole usage block above it."""
 
     def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message}{'' if 'see --' in message else ' (see --help)'}\n")
+        self.exit(
+            2, f"{self.prog}: error: {message}{'' if 'see --' in message else ' (see --help)'}\n"
+        )
 
 
-LIMITS_HELP = (f"limits, refused before anything starts (exit code 2): --rate <= {MAX_RATE_RPS:,} req/s, also at\n"
-               f"any phase's peak; --capacity <= {MAX_CAPACITY_RPS:,} req/s; --duration <= {MAX_DURATION_S} s; "
-               f"<= {MAX_PLANNED_REQUESTS:,} planned requests\nper run; all finite and > 0. A bad --url, "
-               "--target, --scenario or --json/--report path too.")
+LIMITS_HELP = (
+    f"limits, refused before anything starts (exit code 2): --rate <= {MAX_RATE_RPS:,} req/s, also at\n"
+    f"any phase's peak; --capacity <= {MAX_CAPACITY_RPS:,} req/s; --duration <= {MAX_DURATION_S} s; "
+    f"<= {MAX_PLANNED_REQUESTS:,} planned requests\nper run; all finite and > 0. A bad --url, "
+    "--target, --scenario or --json/--report path too."
+)
 
 
 def parse_args(argv):
@@ -1539,35 +2030,76 @@ def parse_args(argv):
         description="The failure-first playground's load tester: same scenarios, same pass criteria, every version.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=f"versions here: {versions}\nscenarios: {', '.join(SCENARIOS)}\n{LIMITS_HELP}\n\n"
-        + __doc__.split("\n\n")[-1])
+        + __doc__.split("\n\n")[-1],
+    )
     what = parser.add_mutually_exclusive_group()
-    what.add_argument("--target", help="version to test: v0_3, v0.3, v0_3_backpressure or a file (an exact match); "
-                      "started on free ports, stopped after")
-    what.add_argument("--compare", help="several versions (v0_1,v0_2) or 'all': prints the lesson matrix")
-    what.add_argument("--url", help="attach to a running orders service (http://127.0.0.1:PORT) instead of "
-                      "starting one; loopback only, unless --allow-remote")
-    what.add_argument("--list", action="store_true", help="list the scenarios with their pass criteria")
+    what.add_argument(
+        "--target",
+        help="version to test: v0_3, v0.3, v0_3_backpressure or a file (an exact match); "
+        "started on free ports, stopped after",
+    )
+    what.add_argument(
+        "--compare", help="several versions (v0_1,v0_2) or 'all': prints the lesson matrix"
+    )
+    what.add_argument(
+        "--url",
+        help="attach to a running orders service (http://127.0.0.1:PORT) instead of "
+        "starting one; loopback only, unless --allow-remote",
+    )
+    what.add_argument(
+        "--list", action="store_true", help="list the scenarios with their pass criteria"
+    )
     what.add_argument("--calibrate", action="store_true", help="measure the instrument itself")
-    parser.add_argument("--scenario", help="NAME[,NAME] or 'all' (default: steady + the version's story)")
+    parser.add_argument(
+        "--scenario", help="NAME[,NAME] or 'all' (default: steady + the version's story)"
+    )
     parser.add_argument("--quick", action="store_true", help="short phases (for tests and CI)")
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
-    parser.add_argument("--report", metavar="FILE.html", help="also write a self-contained HTML report (SVG charts)")
-    parser.add_argument("--rate", type=float, metavar="R", help="offered requests/s, as vegeta's -rate and wrk2's -R "
-                        "mean it: steady offers R; a scenario with phases is scaled so its first phase (the load "
-                        "before the fault, its lowest; --quick may skip it) offers R, the others keep their "
-                        "ratio to it "
-                        "(default: loads are multiples of --capacity)")
-    parser.add_argument("--capacity", type=float, metavar="C", help="capacity C (req/s) scenario loads are "
-                        "multiples of and goodput is judged against (default: read from payment's /stats, else "
-                        f"{DEFAULT_CAPACITY_RPS:g})")
-    parser.add_argument("--duration", type=float, metavar="S", help="seconds of the fault window (or of the whole "
-                        "steady run)")
-    parser.add_argument("--seed", type=int, default=1, help="seed of arrivals, payloads and chaos (default 1)")
-    parser.add_argument("--payment-url", help="with --url: payment simulator, for faults and ground truth")
-    parser.add_argument("--shipping-url", help="with --url: shipping simulator, for faults and ground truth")
-    parser.add_argument("--probe", action="store_true", help="with --target: measure its dependencies' healthy "
-                        "latency directly (where timeouts come from)")
-    parser.add_argument("--allow-remote", action="store_true", help="allow a non-loopback --url (never by default)")
+    parser.add_argument(
+        "--report", metavar="FILE.html", help="also write a self-contained HTML report (SVG charts)"
+    )
+    parser.add_argument(
+        "--rate",
+        type=float,
+        metavar="R",
+        help="offered requests/s, as vegeta's -rate and wrk2's -R "
+        "mean it: steady offers R; a scenario with phases is scaled so its first phase (the load "
+        "before the fault, its lowest; --quick may skip it) offers R, the others keep their "
+        "ratio to it "
+        "(default: loads are multiples of --capacity)",
+    )
+    parser.add_argument(
+        "--capacity",
+        type=float,
+        metavar="C",
+        help="capacity C (req/s) scenario loads are "
+        "multiples of and goodput is judged against (default: read from payment's /stats, else "
+        f"{DEFAULT_CAPACITY_RPS:g})",
+    )
+    parser.add_argument(
+        "--duration",
+        type=float,
+        metavar="S",
+        help="seconds of the fault window (or of the whole steady run)",
+    )
+    parser.add_argument(
+        "--seed", type=int, default=1, help="seed of arrivals, payloads and chaos (default 1)"
+    )
+    parser.add_argument(
+        "--payment-url", help="with --url: payment simulator, for faults and ground truth"
+    )
+    parser.add_argument(
+        "--shipping-url", help="with --url: shipping simulator, for faults and ground truth"
+    )
+    parser.add_argument(
+        "--probe",
+        action="store_true",
+        help="with --target: measure its dependencies' healthy "
+        "latency directly (where timeouts come from)",
+    )
+    parser.add_argument(
+        "--allow-remote", action="store_true", help="allow a non-loopback --url (never by default)"
+    )
     parser.add_argument("--responder", choices=["trivial", "stall"], help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.responder:
@@ -1580,16 +2112,22 @@ def parse_args(argv):
 
 def refuse_bad_args(parser, args):
     """Every number, file, URL, target and plan size, checked before anything starts."""
-    for problem in (number_problem("--rate", args.rate, MAX_RATE_RPS, "req/s"),
-                    number_problem("--capacity", args.capacity, MAX_CAPACITY_RPS, "req/s"),
-                    number_problem("--duration", args.duration, MAX_DURATION_S, "s"),
-                    args.json and output_problem("--json", args.json),
-                    args.report and output_problem("--report", args.report)):
+    for problem in (
+        number_problem("--rate", args.rate, MAX_RATE_RPS, "req/s"),
+        number_problem("--capacity", args.capacity, MAX_CAPACITY_RPS, "req/s"),
+        number_problem("--duration", args.duration, MAX_DURATION_S, "s"),
+        args.json and output_problem("--json", args.json),
+        args.report and output_problem("--report", args.report),
+    ):
         if problem:
             parser.error(problem)
     if args.probe and not args.target:
         parser.error("--probe needs --target (it starts the version to reach its dependencies)")
-    for flag, url in (("--url", args.url), ("--payment-url", args.payment_url), ("--shipping-url", args.shipping_url)):
+    for flag, url in (
+        ("--url", args.url),
+        ("--payment-url", args.payment_url),
+        ("--shipping-url", args.shipping_url),
+    ):
         if url is None:
             continue
         if flag != "--url" and not args.url:
@@ -1610,26 +2148,40 @@ def refuse_bad_args(parser, args):
         parser.error(str(err))
     capacity = args.capacity or DEFAULT_CAPACITY_RPS  # C from /stats is checked again once read
     for name in dict.fromkeys(n for _, scenarios in runs for n in scenarios):
-        problem = plan_problem(name, SCENARIOS[name], capacity, args.quick, args.duration, args.rate)
+        problem = plan_problem(
+            name, SCENARIOS[name], capacity, args.quick, args.duration, args.rate
+        )
         if problem:
             parser.error(problem)
 
 
 def print_list(out):
-    out.write("Scenarios (loads in multiples of capacity C; phases: full length/with --quick, '-' skipped):\n")
+    out.write(
+        "Scenarios (loads in multiples of capacity C; phases: full length/with --quick, '-' skipped):\n"
+    )
     for name, sc in SCENARIOS.items():
         out.write(f"\n  {name}: {sc['about']}\n    phases: ")
         quick = [f"{p['quick_s']:g}s" if p["quick_s"] else "-" for p in sc["phases"]]
-        out.write(" -> ".join(f"{p['name']} {p['full_s']:g}s/{q} @{p['load']}C" + (" [fault]" if p["fault"] else "")
-                              for p, q in zip(sc["phases"], quick, strict=True)) + "\n")
-        out.write("    pass when: " + ", ".join(f"{f} {op} {b}" for f, op, b in sc["checks"])
-                  + f"   (decisive: {sc['decisive']})\n")
+        out.write(
+            " -> ".join(
+                f"{p['name']} {p['full_s']:g}s/{q} @{p['load']}C"
+                + (" [fault]" if p["fault"] else "")
+                for p, q in zip(sc["phases"], quick, strict=True)
+            )
+            + "\n"
+        )
+        out.write(
+            "    pass when: "
+            + ", ".join(f"{f} {op} {b}" for f, op, b in sc["checks"])
+            + f"   (decisive: {sc['decisive']})\n"
+        )
 
 
 def main(argv=None):
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM cleans up like Ctrl-C
-    signal.signal(signal.SIGINT, signal.default_int_handler)  # even if started ignoring it (a background job)
+    # even if started ignoring it (a background job)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     note = raise_open_files_limit()
     if note and not (args.responder or args.list):  # said once, by the process that drives the load
         sys.stderr.write(note + "\n")

@@ -11,6 +11,7 @@ Still breaks: `slow-payment`. The bucket counts requests, not how long they take
 Run:         python v0_2_admission.py
 Diff:        diff -u v0_1_naive.py v0_2_admission.py
 """
+
 import argparse
 import asyncio
 import collections
@@ -56,12 +57,15 @@ class ValidationError(Exception):
 class DependencyError(Exception):
     """A dependency failed; `status` is our answer: 502 bad or no answer, 504 too slow.
 
-    `retryable`: could the same call succeed if tried again; `retry_after_s`: the dependency's hint."""
+    `retryable`: could the same call succeed if tried again;
+    `retry_after_s`: the dependency's hint."""
 
     def __init__(self, status, detail, retryable=True, retry_after_s=None):
         super().__init__(detail)
-        self.status, self.detail = status, detail
-        self.retryable, self.retry_after_s = retryable, retry_after_s
+        self.status = status
+        self.detail = detail
+        self.retryable = retryable
+        self.retry_after_s = retry_after_s
 
 
 def parse_order(body):
@@ -73,7 +77,8 @@ def parse_order(body):
     if not isinstance(data, dict):
         raise ValidationError("body must be a JSON object")
     item, qty, customer, ref = (data.get(k) for k in ("item", "qty", "customer", "ref"))
-    if not isinstance(item, str) or item not in CATALOG_CENTS:  # a dict or list is not even hashable
+    # a dict or list is not even hashable
+    if not isinstance(item, str) or item not in CATALOG_CENTS:
         raise ValidationError(f"item must be one of {sorted(CATALOG_CENTS)}")
     if type(qty) is not int or not 1 <= qty <= MAX_QTY:  # type(): True is an int in Python
         raise ValidationError(f"qty must be an integer from 1 to {MAX_QTY}")
@@ -93,8 +98,12 @@ def place_order(fields):
     order_id = f"ord-{next(ORDER_IDS):06d}"
     ref = fields["ref"] or order_id
     amount = CATALOG_CENTS[fields["item"]] * fields["qty"]
-    call_dependency("payment", "/charge", {"order_id": order_id, "amount": amount, "ref": ref},
-                    idempotency_key=f"charge-{order_id}")
+    call_dependency(
+        "payment",
+        "/charge",
+        {"order_id": order_id, "amount": amount, "ref": ref},
+        idempotency_key=f"charge-{order_id}",
+    )
     order = dict(fields, order_id=order_id, ref=ref, amount=amount, status="placed")
     ORDERS[order_id] = order
     publish({"type": "OrderPlaced", "order_id": order_id, "ref": ref})
@@ -103,8 +112,12 @@ def place_order(fields):
 
 def fulfil(event):
     """Ship one placed order and mark it shipped, or raise DependencyError."""
-    call_dependency("shipping", "/ship", {"order_id": event["order_id"], "ref": event["ref"]},
-                    idempotency_key=f"ship-{event['order_id']}")
+    call_dependency(
+        "shipping",
+        "/ship",
+        {"order_id": event["order_id"], "ref": event["ref"]},
+        idempotency_key=f"ship-{event['order_id']}",
+    )
     ORDERS[event["order_id"]]["status"] = "shipped"
 
 
@@ -117,8 +130,10 @@ class TokenBucket:
     """Admit `rate_per_s` on average and bursts of up to `burst`; refuse the rest at once."""
 
     def __init__(self, rate_per_s, burst):
-        self.rate_per_s, self.burst = rate_per_s, burst
-        self.tokens, self.last = burst, time.monotonic()
+        self.rate_per_s = rate_per_s
+        self.burst = burst
+        self.tokens = burst
+        self.last = time.monotonic()
         self.lock = threading.Lock()
 
     def try_take(self):
@@ -139,7 +154,8 @@ def admit():
     """Take a new order? None to accept, or (status, error, detail, headers) to refuse it."""
     if ADMISSION.try_take():
         return None
-    return 503, "overloaded", f"over {ADMIT_RATE_RPS} orders/s, retry later", {"Retry-After": "1"}  # RFC 9110
+    # RFC 9110
+    return 503, "overloaded", f"over {ADMIT_RATE_RPS} orders/s, retry later", {"Retry-After": "1"}
 
 
 def http_post(url, payload, headers, connect_timeout_s, timeout_s):
@@ -148,9 +164,11 @@ def http_post(url, payload, headers, connect_timeout_s, timeout_s):
     conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=connect_timeout_s)
     try:
         conn.connect()
-        conn.sock.settimeout(timeout_s)  # None: wait forever. Python applies it per socket operation
+        # None: wait forever. Python applies it per socket operation
+        conn.sock.settimeout(timeout_s)
         body = json.dumps(payload).encode()
-        headers = {name: value for name, value in headers.items() if value is not None}  # no key: no header
+        # no key: no header
+        headers = {name: value for name, value in headers.items() if value is not None}
         conn.request("POST", parts.path, body, {"Content-Type": "application/json", **headers})
         resp = conn.getresponse()
         data = resp.read()
@@ -160,10 +178,12 @@ def http_post(url, payload, headers, connect_timeout_s, timeout_s):
         raise DependencyError(502, f"{url} failed: {exc.__class__.__name__}") from None
     finally:
         conn.close()
-    if resp.status >= 300:  # 409 still in flight, 429 and 5xx overloaded or failed; any other 4xx is final
+    # 409 still in flight, 429 and 5xx overloaded or failed; any other 4xx is final
+    if resp.status >= 300:
         retryable = resp.status in (409, 429) or resp.status >= 500
         hint = resp.getheader("Retry-After", "")
-        retry_after_s = int(hint) if hint.isascii() and hint.isdigit() else None  # seconds; an HTTP date is ignored
+        # seconds; an HTTP date is ignored
+        retry_after_s = int(hint) if hint.isascii() and hint.isdigit() else None
         raise DependencyError(502, f"{url} answered {resp.status}", retryable, retry_after_s)
     try:
         return json.loads(data)
@@ -175,7 +195,9 @@ def call_dependency(name, path, payload, idempotency_key=None):
     """Call a dependency. Naive: no timeout, no key sent, 5 immediate attempts on any error."""
     for attempt in range(1, MAX_ATTEMPTS + 1):
         try:
-            return http_post(DEPENDENCY_URLS[name] + path, payload, {}, connect_timeout_s=None, timeout_s=None)
+            return http_post(
+                DEPENDENCY_URLS[name] + path, payload, {}, connect_timeout_s=None, timeout_s=None
+            )
         except DependencyError:
             if attempt == MAX_ATTEMPTS:
                 raise
@@ -205,18 +227,24 @@ class OrdersHandler(BaseHTTPRequestHandler):
     """The orders API: POST /orders, GET /orders/<id>, GET /health."""
 
     server_version = "orders"
-    disable_nagle_algorithm = True  # headers and body in one packet: no 40 ms Nagle/delayed-ACK stall
+    # headers and body in one packet: no 40 ms Nagle/delayed-ACK stall
+    disable_nagle_algorithm = True
 
     def parse_request(self):
         """http.server's parser, plus the RFC 9112 corners it misses; a refusal is a JSON 400."""
-        if self.raw_requestline in (b"\r\n", b"\n"):  # section 2.2: skip an empty line before the request line
+        # section 2.2: skip an empty line before the request line
+        if self.raw_requestline in (b"\r\n", b"\n"):
             self.raw_requestline = self.rfile.readline(65537)
-        if len(self.raw_requestline.split()) == 2:  # HTTP/0.9 "GET /path": the stdlib would wait for headers
-            self.requestline, self.command = "", None  # send_error needs them; the stdlib has not set them yet
+        # HTTP/0.9 "GET /path": the stdlib would wait for headers
+        if len(self.raw_requestline.split()) == 2:
+            # send_error needs them; the stdlib has not set them yet
+            self.requestline = ""
+            self.command = None
             return self.send_error(400, "HTTP/0.9 is not supported: send HTTP/1.0 or HTTP/1.1")
         if not super().parse_request():
             return False
-        if self.headers.defects:  # a line with no colon: the stdlib reads it, and all after it, as the body
+        # a line with no colon: the stdlib reads it, and all after it, as the body
+        if self.headers.defects:
             return self.error(400, "malformed header", "each header line is Name: value")
         try:
             urlsplit(self.path)  # an absolute-form target with a bad host raises: http://[/health
@@ -228,18 +256,20 @@ class OrdersHandler(BaseHTTPRequestHandler):
         path = urlsplit(self.path).path
         if path == "/health":
             return self.reply(200, {"status": "ok"})
-        order_id = path[len("/orders/"):] if path.startswith("/orders/") else None
+        order_id = path[len("/orders/") :] if path.startswith("/orders/") else None
         if order_id and order_id in ORDERS:
             return self.reply(200, ORDERS[order_id])
         self.do_other()
 
     def do_HEAD(self):
-        self.do_GET()  # GET's answer without its body (RFC 9110 section 9.3.2): reply() leaves it out
+        # GET's answer without its body (RFC 9110 section 9.3.2): reply() leaves it out
+        self.do_GET()
 
     def do_POST(self):
         if urlsplit(self.path).path != "/orders":
             return self.do_other()
-        body = self.read_body()  # read first: closing on unread bytes sends RST and loses our answer
+        # read first: closing on unread bytes sends RST and loses our answer
+        body = self.read_body()
         if body is None:
             return
         try:
@@ -278,13 +308,17 @@ class OrdersHandler(BaseHTTPRequestHandler):
 
     def read_body(self):
         """Read the request body, or answer 411/400/413 and return None."""
-        lengths = self.headers.get_all("Content-Length")  # two of them are a 400 (RFC 9112 section 6.3)
-        length = None if lengths is None else ", ".join(v.strip(" \t") for v in lengths)  # OWS around is fine
+        # two of them are a 400 (RFC 9112 section 6.3)
+        lengths = self.headers.get_all("Content-Length")
+        # OWS around is fine
+        length = None if lengths is None else ", ".join(v.strip(" \t") for v in lengths)
         if length is None:
             self.error(411, "length required", "send a Content-Length header")
-        elif not (length.isascii() and length.isdigit()):  # "²".isdigit() is True, int("²") fails; "5, 6" too
+        # "²".isdigit() is True, int("²") fails; "5, 6" too
+        elif not (length.isascii() and length.isdigit()):
             self.error(400, "bad request", "send one Content-Length: a non-negative integer")
-        elif len(length) > 9 or int(length) > MAX_BODY_BYTES:  # int() refuses 4,300+ digits: never ask it
+        # int() refuses 4,300+ digits: never ask it
+        elif len(length) > 9 or int(length) > MAX_BODY_BYTES:
             self.error(413, "body too large", f"at most {MAX_BODY_BYTES} bytes")
         else:
             body = self.rfile.read(int(length))
@@ -303,11 +337,16 @@ class OrdersHandler(BaseHTTPRequestHandler):
         self.close_connection = True
         try:
             self.send_response(status)
-            for key, value in {"Content-Type": "application/json", "Content-Length": str(len(body)),
-                               "Connection": "close", **(headers or {})}.items():
+            for key, value in {
+                "Content-Type": "application/json",
+                "Content-Length": str(len(body)),
+                "Connection": "close",
+                **(headers or {}),
+            }.items():
                 self.send_header(key, value)
             self.end_headers()
-            self.wfile.write(b"" if self.command == "HEAD" else body)  # RFC 9110 section 9.3.2: no body
+            # RFC 9110 section 9.3.2: no body
+            self.wfile.write(b"" if self.command == "HEAD" else body)
         except OSError:
             pass  # the client has gone; nothing left to tell it
 
@@ -324,7 +363,8 @@ class OrdersServer(ThreadingHTTPServer):
     """Naive on purpose: one new thread per connection, with no limit on how many."""
 
     daemon_threads = True
-    request_queue_size = 1024  # the default 5 drops SYNs under a burst: a dropped SYN is resent after 1 s
+    # the default 5 drops SYNs under a burst: a dropped SYN is resent after 1 s
+    request_queue_size = 1024
 
     def handle_error(self, request, client_address):
         print(f"error serving {client_address}: {sys.exc_info()[1]!r}", file=sys.stderr)
@@ -333,9 +373,17 @@ class OrdersServer(ThreadingHTTPServer):
 # === WORLD: SIMULATED DEPENDENCIES (identical in every version) ===
 # Payment and shipping are one asyncio simulator: `workers` slots of `service_ms` each behind
 # an unbounded FIFO, like a naive real dependency. It finishes work whose caller has gone.
-CHAOS_KNOBS = {"latency_factor": (1, 100), "error_rate": (0, 1), "ambiguous_rate": (0, 1), "hang_rate": (0, 1),
-               "blackhole": (0, 1), "down": (0, 1)}  # knob -> its range; blackhole and down are 0/1 switches
-REQUEST_READ_S = 1.0  # our callers send a request in one write: a trickle or a short body is cut off
+CHAOS_KNOBS = {
+    "latency_factor": (1, 100),
+    "error_rate": (0, 1),
+    "ambiguous_rate": (0, 1),
+    "hang_rate": (0, 1),
+    # knob -> its range; blackhole and down are 0/1 switches
+    "blackhole": (0, 1),
+    "down": (0, 1),
+}
+# our callers send a request in one write: a trickle or a short body is cut off
+REQUEST_READ_S = 1.0
 
 
 class BadRequest(Exception):
@@ -346,41 +394,65 @@ class Dependency:
     """A simulated dependency with finite capacity, chaos control and ground truth."""
 
     def __init__(self, name, workers, service_ms, seed):
-        self.name, self.workers, self.service_s = name, workers, service_ms / 1000
-        self.rng, self.chaos, self.stats = random.Random(seed), {}, collections.Counter()
+        self.name = name
+        self.workers = workers
+        self.service_s = service_ms / 1000
+        self.rng = random.Random(seed)
+        self.chaos = {}
+        self.stats = collections.Counter()
         self.commits = collections.Counter()  # ref -> times committed: duplicates show here
-        self.calls = collections.Counter()  # ref -> calls received, cheap refusals (409, replay) included
-        self.worked = collections.Counter()  # ref -> calls that took a worker slot: the real work done
+        # ref -> calls received, cheap refusals (409, replay) included
+        self.calls = collections.Counter()
+        # ref -> calls that took a worker slot: the real work done
+        self.worked = collections.Counter()
         self.answers = {}  # Idempotency-Key -> [request body, answer (None while in flight)]
 
     async def handle(self, reader, writer):
         """Serve one connection: one request, one answer, close."""
         try:
-            method, path, query, headers, body = await asyncio.wait_for(read_request(reader), REQUEST_READ_S)
+            method, path, query, headers, body = await asyncio.wait_for(
+                read_request(reader), REQUEST_READ_S
+            )
             if (method, path) == ("POST", "/chaos"):
-                await respond(writer, 200, self.set_chaos(json.loads(body or b"{}", parse_constant=int)))
+                await respond(
+                    writer, 200, self.set_chaos(json.loads(body or b"{}", parse_constant=int))
+                )
             elif (method, path) == ("GET", "/chaos"):
                 await respond(writer, 200, self.chaos)
             elif (method, path) == ("GET", "/stats"):
                 await respond(writer, 200, self.snapshot(with_refs="refs=1" in query))
             elif (method, path) == ("POST", {"payment": "/charge", "shipping": "/ship"}[self.name]):
-                await self.serve(reader, writer, headers, json.loads(body, parse_constant=int))  # int("NaN") fails
+                # int("NaN") fails
+                await self.serve(reader, writer, headers, json.loads(body, parse_constant=int))
             else:
                 await respond(writer, 404, {"error": "not found", "detail": f"{method} {path}"})
         except BadRequest as exc:
             status, detail = exc.args
-            await respond(writer, status, {"error": HTTPStatus(status).phrase.lower(), "detail": detail})
-        except (ValueError, RecursionError):  # from json.loads: NaN and Infinity are not JSON; "[[[[..." too deep
+            await respond(
+                writer, status, {"error": HTTPStatus(status).phrase.lower(), "detail": detail}
+            )
+        # from json.loads: NaN and Infinity are not JSON; "[[[[..." too deep
+        except (ValueError, RecursionError):
             await respond(writer, 400, {"error": "bad request", "detail": "body is not valid JSON"})
         except asyncio.LimitOverrunError:  # the head, or one line of it, over 64 KiB
-            await respond(writer, 431, {"error": "request header fields too large", "detail": "over 64 KiB"})
-        except asyncio.IncompleteReadError:  # EOF inside the head or the body (a half-close still hears why)
-            await respond(writer, 400, {"error": "bad request", "detail": "the request ended early"})
+            await respond(
+                writer, 431, {"error": "request header fields too large", "detail": "over 64 KiB"}
+            )
+        # EOF inside the head or the body (a half-close still hears why)
+        except asyncio.IncompleteReadError:
+            await respond(
+                writer, 400, {"error": "bad request", "detail": "the request ended early"}
+            )
         except asyncio.TimeoutError:  # before OSError: TimeoutError is one from Python 3.11 on
-            await respond(writer, 408, {"error": "request timeout", "detail": f"send it in {REQUEST_READ_S} s"})
+            await respond(
+                writer,
+                408,
+                {"error": "request timeout", "detail": f"send it in {REQUEST_READ_S} s"},
+            )
         except OSError:
             pass  # the caller went away mid-request
-        except Exception as exc:  # a bug costs one connection, never the simulator, and prints no traceback
+        # a bug costs one connection, never the simulator, and prints no traceback
+        except Exception as exc:
             print(f"{self.name}: cannot serve a request: {exc!r}", file=sys.stderr)
         finally:
             writer.close()
@@ -389,27 +461,48 @@ class Dependency:
         """Replace the chaos settings ({} heals); refuse unknown knobs and values out of range."""
         if not isinstance(chaos, dict):
             raise BadRequest(400, "chaos is a JSON object")
-        for knob, value in chaos.items():  # a latency_factor of 1e308 would wedge every worker for good
+        # a latency_factor of 1e308 would wedge every worker for good
+        for knob, value in chaos.items():
             low, high = CHAOS_KNOBS.get(knob, (1, 0))  # an unknown knob: an empty range
-            if not (value in (0, 1) if knob in ("blackhole", "down") else
-                    type(value) in (int, float) and low <= value <= high):  # NaN is in no range
-                raise BadRequest(400, "chaos knobs: latency_factor 1 to 100; error_rate, ambiguous_rate, "
-                                 "hang_rate 0 to 1; blackhole, down true or false")
+            if not (
+                value in (0, 1)
+                if knob in ("blackhole", "down")
+                else type(value) in (int, float) and low <= value <= high
+            ):  # NaN is in no range
+                raise BadRequest(
+                    400,
+                    "chaos knobs: latency_factor 1 to 100; error_rate, ambiguous_rate, "
+                    "hang_rate 0 to 1; blackhole, down true or false",
+                )
         self.chaos = {knob: value for knob, value in chaos.items() if value}
         return self.chaos
 
     async def serve(self, reader, writer, headers, payload):
         """One call: check it, then chaos, then Idempotency-Key, then the FIFO and a worker slot."""
-        fields = {"order_id": str, "ref": str, **({"amount": int} if self.name == "payment" else {})}
-        if not isinstance(payload, dict) or any(type(payload.get(k)) is not t for k, t in fields.items()):
-            raise BadRequest(400, "a JSON object of " + ", ".join(f"{k} ({t.__name__})" for k, t in fields.items()))
+        fields = {
+            "order_id": str,
+            "ref": str,
+            **({"amount": int} if self.name == "payment" else {}),
+        }
+        if not isinstance(payload, dict) or any(
+            type(payload.get(k)) is not t for k, t in fields.items()
+        ):
+            raise BadRequest(
+                400,
+                "a JSON object of " + ", ".join(f"{k} ({t.__name__})" for k, t in fields.items()),
+            )
         budget_ms = headers.get("x-deadline-ms")  # relative, like gRPC's grpc-timeout
-        if budget_ms is not None and not (budget_ms.isascii() and budget_ms.replace(".", "", 1).isdigit()
-                                          and 0 < float(budget_ms) < float("inf")):  # 400 digits: inf
+        if budget_ms is not None and not (
+            budget_ms.isascii()
+            and budget_ms.replace(".", "", 1).isdigit()
+            # 400 digits: inf
+            and 0 < float(budget_ms) < float("inf")
+        ):
             raise BadRequest(400, "X-Deadline-Ms is a positive number of milliseconds")
         self.stats["calls"] += 1  # only now: a refused call must never reserve its Idempotency-Key
         self.calls[str(payload["ref"])] += 1
-        key, chaos = headers.get("idempotency-key"), self.chaos
+        key = headers.get("idempotency-key")
+        chaos = self.chaos
         if chaos.get("down"):
             return writer.transport.abort()  # reset at once, as fast as a refused connect
         if chaos.get("blackhole") or self.rng.random() < chaos.get("hang_rate", 0):
@@ -422,29 +515,42 @@ class Dependency:
             return await respond(writer, status, answer or {"error": HTTPStatus(status).phrase})
         if key:
             self.answers[key] = [payload, None]
-        job = {"ref": str(payload["ref"]), "key": key, "gone": False, "eof": False, "committed": False,
-               "deadline": time.monotonic() + float(budget_ms) / 1000 if budget_ms else None,
-               "done": asyncio.get_running_loop().create_future()}
+        job = {
+            "ref": str(payload["ref"]),
+            "key": key,
+            "gone": False,
+            "eof": False,
+            "committed": False,
+            "deadline": time.monotonic() + float(budget_ms) / 1000 if budget_ms else None,
+            "done": asyncio.get_running_loop().create_future(),
+        }
         watcher = asyncio.ensure_future(self.watch_caller(reader, job))
         self.queue.put_nowait(job)
         self.stats["queue_peak"] = max(self.stats["queue_peak"], self.queue.qsize())
         status, answer = await job["done"]
         watcher.cancel()
         if status is None or job["gone"]:
-            writer.transport.abort()  # ambiguous: committed, and then the answer is lost (or nobody is there)
+            # ambiguous: committed, and then the answer is lost (or nobody is there)
+            writer.transport.abort()
         else:
             await respond(writer, status, answer)
-            if job["eof"]:  # a half-close or a hang-up: only our answer tells them apart (see watch_caller)
-                await asyncio.sleep(0.05)  # time for the reset to come back; on loopback it is there at once
-                sock = writer.get_extra_info("socket")  # closed by the transport if the write failed
-                job["gone"] = writer.is_closing() or bool(sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR))
+            # a half-close or a hang-up: only our answer tells them apart (see watch_caller)
+            if job["eof"]:
+                # time for the reset to come back; on loopback it is there at once
+                await asyncio.sleep(0.05)
+                # closed by the transport if the write failed
+                sock = writer.get_extra_info("socket")
+                job["gone"] = writer.is_closing() or bool(
+                    sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                )
         if job["gone"] and job["committed"]:
             self.stats["zombie"] += 1  # work finished for a caller that had gone
 
     async def watch_caller(self, reader, job):
         """Notice a caller that resets while its call waits; bytes after the request are ignored."""
-        # EOF is no hang-up: a caller that half-closes (SHUT_WR) still waits, and TCP shows that just like a
-        # close. So the call goes on and is answered; a caller that had closed resets at our answer (serve).
+        # EOF is no hang-up: a caller that half-closes (SHUT_WR) still waits, and TCP shows that
+        # just like a close. So the call goes on and is answered; a caller that had closed
+        # resets at our answer (serve).
         try:
             while await reader.read(1024):
                 pass
@@ -456,7 +562,9 @@ class Dependency:
         """Hang: never answer; hold the connection until the caller closes it."""
         self.stats["hung"] += 1
         self.stats["held_open"] += 1
-        try:  # until EOF: with no answer to write, a close and a half-close look alike, and both release it
+        # until EOF: with no answer to write, a close and a half-close look alike, and both release
+        # it
+        try:
             while await reader.read(1024):
                 pass
         finally:
@@ -477,7 +585,8 @@ class Dependency:
                 self.worked[job["ref"]] += 1
                 await asyncio.sleep(self.service_s * self.chaos.get("latency_factor", 1))
                 self.stats["in_flight"] -= 1
-                roll, error_rate = self.rng.random(), self.chaos.get("error_rate", 0)
+                roll = self.rng.random()
+                error_rate = self.chaos.get("error_rate", 0)
                 if roll < error_rate:
                     self.stats["failed"] += 1
                     self.answers.pop(job["key"], None)
@@ -491,25 +600,49 @@ class Dependency:
                     self.answers[job["key"]][1] = answer
                 if roll < error_rate + self.chaos.get("ambiguous_rate", 0):
                     self.stats["ambiguous"] += 1
-                    answer = self.rng.choice([(500, {"error": "failed after commit"}), (None, None)])
+                    answer = self.rng.choice(
+                        [(500, {"error": "failed after commit"}), (None, None)]
+                    )
                     job["done"].set_result(answer)
                 else:
                     job["done"].set_result((200, answer))
-            except Exception as exc:  # a worker task that raises dies silently, and a slot of capacity with it
+            # a worker task that raises dies silently, and a slot of capacity with it
+            except Exception as exc:
                 print(f"{self.name}: a call failed in a worker: {exc!r}", file=sys.stderr)
                 if not job["done"].done():
                     job["done"].set_result((500, {"error": "internal error"}))
 
     def snapshot(self, with_refs):
         """Ground truth: what really happened here, whatever the callers believe."""
-        snap = {"name": self.name, "capacity_rps": self.workers / self.service_s, "chaos": self.chaos,
-                "queue_depth": self.queue.qsize(), "unique_refs": len(self.commits),
-                "duplicates": sum(1 for n in self.commits.values() if n > 1)}
-        for key in ("calls", "worked", "commits", "replayed", "failed", "ambiguous", "hung", "held_open",
-                    "in_flight", "queue_peak", "zombie", "expired_dropped"):
+        snap = {
+            "name": self.name,
+            "capacity_rps": self.workers / self.service_s,
+            "chaos": self.chaos,
+            "queue_depth": self.queue.qsize(),
+            "unique_refs": len(self.commits),
+            "duplicates": sum(1 for n in self.commits.values() if n > 1),
+        }
+        for key in (
+            "calls",
+            "worked",
+            "commits",
+            "replayed",
+            "failed",
+            "ambiguous",
+            "hung",
+            "held_open",
+            "in_flight",
+            "queue_peak",
+            "zombie",
+            "expired_dropped",
+        ):
             snap[key] = self.stats[key]
         if with_refs:  # per ref: commits, calls (cheap ones too) and calls that took a worker slot
-            snap.update(refs=dict(self.commits), calls_by_ref=dict(self.calls), work_by_ref=dict(self.worked))
+            snap.update(
+                refs=dict(self.commits),
+                calls_by_ref=dict(self.calls),
+                work_by_ref=dict(self.worked),
+            )
         return snap
 
     async def run(self, host, port):
@@ -527,22 +660,28 @@ class Dependency:
 
 
 async def read_request(reader):
-    """Read one HTTP/1.x request: (method, path, query, lower-case headers, body), or raise BadRequest."""
-    lines, size = [], 0
-    while not lines or lines[-1]:  # up to the empty line; a bare LF ends a line too (RFC 9112 section 2.2)
-        line = (await reader.readuntil(b"\n")).decode("latin-1")  # a line over 64 KiB: LimitOverrunError
+    """Read one HTTP/1.x request: (method, path, query, headers, body), or raise BadRequest."""
+    lines = []
+    size = 0
+    # up to the empty line; a bare LF ends a line too (RFC 9112 section 2.2)
+    while not lines or lines[-1]:
+        # a line over 64 KiB: LimitOverrunError
+        line = (await reader.readuntil(b"\n")).decode("latin-1")
         size += len(line)
         if size > MAX_BODY_BYTES:
             raise asyncio.LimitOverrunError("request head over 64 KiB", size)
         if lines or line.strip("\r\n"):  # an empty line before the request line is skipped (ibid.)
             lines.append(line.rstrip("\r\n"))
-    words, headers = lines[0].split(" "), {}
+    words = lines[0].split(" ")
+    headers = {}
     if len(words) != 3:
         raise BadRequest(400, "the request line is: METHOD TARGET HTTP/1.1")
     for name, colon, value in (line.partition(":") for line in lines[1:-1]):
-        if not colon or name != name.strip():  # RFC 9112 section 5.1: no whitespace before the colon
+        # RFC 9112 section 5.1: no whitespace before the colon
+        if not colon or name != name.strip():
             raise BadRequest(400, "malformed header line")
-        if name.lower() == "content-length" and name.lower() in headers:  # which one frames the body?
+        # which one frames the body?
+        if name.lower() == "content-length" and name.lower() in headers:
             raise BadRequest(400, "more than one Content-Length")
         headers[name.lower()] = value.strip()
     length = headers.get("content-length", "0")
@@ -555,10 +694,13 @@ async def read_request(reader):
 
 
 async def respond(writer, status, obj):
-    """Write one JSON answer in a single write (no Nagle stall); a caller that has gone is no error."""
+    """Write one JSON answer in a single write (no Nagle stall); a caller gone is no error."""
     body = json.dumps(obj).encode()
-    writer.write(f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\nContent-Type: application/json\r\n"
-                 f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode() + body)
+    writer.write(
+        f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
+        + body
+    )
     try:
         await writer.drain()
     except OSError:
@@ -572,18 +714,22 @@ def announce(urls):
     """Print the machine-readable READY line and a short banner for humans, in one write."""
     banner = ""  # one write: a reader that closes the pipe after READY must not kill us
     if "orders" in urls:
-        banner = (f"\n{__doc__.splitlines()[0]}\n"
-                  f"  orders    {urls['orders']}   POST /orders, GET /orders/<id>, GET /health\n"
-                  f"  payment   {urls['payment']}   chaos: POST /chaos, ground truth: GET /stats\n"
-                  f"  shipping  {urls['shipping']}   (the same)\nTry:\n"
-                  f"  curl -si {urls['orders']}/orders -d '{{\"item\": \"book\", \"qty\": 1, \"customer\": \"ada\"}}'\n"
-                  f"  curl -s {urls['payment']}/chaos -d '{{\"latency_factor\": 5}}'   # brownout; '{{}}' heals\n"
-                  "Ctrl-C stops all three processes.")
+        banner = (
+            f"\n{__doc__.splitlines()[0]}\n"
+            f"  orders    {urls['orders']}   POST /orders, GET /orders/<id>, GET /health\n"
+            f"  payment   {urls['payment']}   chaos: POST /chaos, ground truth: GET /stats\n"
+            f"  shipping  {urls['shipping']}   (the same)\nTry:\n"
+            f"  curl -si {urls['orders']}/orders"
+            f" -d '{{\"item\": \"book\", \"qty\": 1, \"customer\": \"ada\"}}'\n"
+            f"  curl -s {urls['payment']}/chaos -d '{{\"latency_factor\": 5}}'"
+            "   # brownout; '{}' heals\n"
+            "Ctrl-C stops all three processes."
+        )
     print("READY " + json.dumps(urls) + banner, flush=True)
 
 
 def exit_with_parent(parent):
-    """Stop, like Ctrl-C, once whoever started us is gone: a `kill -9` of loadtest.py must not orphan us."""
+    """Stop, like Ctrl-C, once whoever started us is gone: a `kill -9` of it must not orphan us."""
     while os.getppid() == parent:
         time.sleep(0.5)
     os.kill(os.getpid(), signal.SIGTERM)
@@ -591,13 +737,28 @@ def exit_with_parent(parent):
 
 def start_child(role, host, port, seed):
     """Start payment or shipping as a child process; return it and the URL from its READY line."""
-    proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--role", role, "--host", host,
-                             "--port", str(port), "--seed", str(seed)], stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            os.path.abspath(__file__),
+            "--role",
+            role,
+            "--host",
+            host,
+            "--port",
+            str(port),
+            "--seed",
+            str(seed),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     lines = queue.Queue()
 
     def read_lines():  # keep reading for the child's whole life: a full pipe would block it
         for line in proc.stdout:
             lines.put(line)
+
     threading.Thread(target=read_lines, daemon=True).start()
     try:
         return proc, json.loads(lines.get(timeout=15).split(" ", 1)[1])[role]
@@ -607,7 +768,7 @@ def start_child(role, host, port, seed):
 
 
 def port_number(text):
-    """--port: 0 (free ports for all), or a port that leaves room for payment and shipping on the next two."""
+    """--port: 0 (free ports for all), or one with room for payment and shipping after it."""
     if not (text.isascii() and text.isdigit() and len(text) <= 5 and int(text) <= 65533):
         raise argparse.ArgumentTypeError(f"{text!r} is not a port from 0 to 65533")
     return int(text)
@@ -625,33 +786,57 @@ def http_url(text):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog="Ctrl-C stops all it started.")
-    parser.add_argument("--host", default=HOST, help="address to bind (default %(default)s: loopback only)")
-    parser.add_argument("--port", type=port_number, help=f"orders port (default {ORDERS_PORT}; payment and shipping "
-                        "take the next two); 0 picks free ports for all")
-    parser.add_argument("--role", choices=["orders", "payment", "shipping"], help="run only this piece")
-    parser.add_argument("--payment-url", type=http_url, help="use this payment instead of starting one")
-    parser.add_argument("--shipping-url", type=http_url, help="use this shipping instead of starting one")
-    parser.add_argument("--seed", type=int, default=SEED, help="seed of the simulators' chaos (default %(default)s)")
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], epilog="Ctrl-C stops all it started."
+    )
+    parser.add_argument(
+        "--host", default=HOST, help="address to bind (default %(default)s: loopback only)"
+    )
+    parser.add_argument(
+        "--port",
+        type=port_number,
+        help=f"orders port (default {ORDERS_PORT}; payment and shipping "
+        "take the next two); 0 picks free ports for all",
+    )
+    parser.add_argument(
+        "--role", choices=["orders", "payment", "shipping"], help="run only this piece"
+    )
+    parser.add_argument(
+        "--payment-url", type=http_url, help="use this payment instead of starting one"
+    )
+    parser.add_argument(
+        "--shipping-url", type=http_url, help="use this shipping instead of starting one"
+    )
+    parser.add_argument(
+        "--seed", type=int, default=SEED, help="seed of the simulators' chaos (default %(default)s)"
+    )
     args = parser.parse_args(argv)
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM stops us like Ctrl-C
-    signal.signal(signal.SIGINT, signal.default_int_handler)  # even if started ignoring it (a background job)
+    # even if started ignoring it (a background job)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:  # a pile-up holds thousands of sockets: lift the soft fd limit where the OS lets us
         import resource
+
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 10240)), hard))
     except (ImportError, ValueError, OSError):
         pass
     port = ORDERS_PORT if args.port is None else args.port
-    urls, children = {"payment": args.payment_url, "shipping": args.shipping_url}, []
+    urls = {"payment": args.payment_url, "shipping": args.shipping_url}
+    children = []
     try:
         if args.role in ("payment", "shipping"):
-            workers, service_ms = {"payment": (PAYMENT_WORKERS, PAYMENT_SERVICE_MS),
-                                   "shipping": (SHIPPING_WORKERS, SHIPPING_SERVICE_MS)}[args.role]
+            workers, service_ms = {
+                "payment": (PAYMENT_WORKERS, PAYMENT_SERVICE_MS),
+                "shipping": (SHIPPING_WORKERS, SHIPPING_SERVICE_MS),
+            }[args.role]
             port += {"payment": 1, "shipping": 2}[args.role] if args.port is None else 0
-            for sig in (signal.SIGINT, signal.SIGTERM):  # a simulator has nothing to save: stop at once, quietly
+            # a simulator has nothing to save: stop at once, quietly
+            for sig in (signal.SIGINT, signal.SIGTERM):
                 signal.signal(sig, lambda *_: os._exit(0))
-            return asyncio.run(Dependency(args.role, workers, service_ms, args.seed).run(args.host, port))
+            return asyncio.run(
+                Dependency(args.role, workers, service_ms, args.seed).run(args.host, port)
+            )
         for offset, role in ((1, "payment"), (2, "shipping")):
             if urls[role] is None and args.role == "orders":
                 urls[role] = f"http://{args.host}:{port + offset}"
@@ -669,8 +854,10 @@ def main(argv=None):
         pass
     except OSError as exc:
         taken = exc.errno == errno.EADDRINUSE  # another copy still running, most often
-        raise SystemExit(f"cannot serve: {exc}" + ("; stop the other one, or --port 0 picks free ports" if taken
-                                                   else "")) from None
+        raise SystemExit(
+            f"cannot serve: {exc}"
+            + ("; stop the other one, or --port 0 picks free ports" if taken else "")
+        ) from None
     finally:
         for child in children:
             child.terminate()
