@@ -254,6 +254,8 @@ class OrdersHandler(BaseHTTPRequestHandler):
 
     def do_GET(self):
         path = urlsplit(self.path).path
+        if path == "/health" and DEAD_THREADS:  # a worker that died: nothing it did still happens
+            return self.error(503, "unhealthy", f"background thread died: {DEAD_THREADS}")
         if path == "/health":
             return self.reply(200, {"status": "ok"})
         order_id = path[len("/orders/") :] if path.startswith("/orders/") else None
@@ -728,6 +730,15 @@ def announce(urls):
     print("READY " + json.dumps(urls) + banner, flush=True)
 
 
+DEAD_THREADS = []  # background threads that died; /health fails while any is listed
+
+
+def thread_died(args):
+    """threading.excepthook: a background thread that dies is reported, and /health fails."""
+    DEAD_THREADS.append(args.thread.name)
+    print(f"{args.thread.name} died: {args.exc_value!r}", file=sys.stderr)
+
+
 def exit_with_parent(parent):
     """Stop, like Ctrl-C, once whoever started us is gone: a `kill -9` of it must not orphan us."""
     while os.getppid() == parent:
@@ -811,6 +822,7 @@ def main(argv=None):
         "--seed", type=int, default=SEED, help="seed of the simulators' chaos (default %(default)s)"
     )
     args = parser.parse_args(argv)
+    threading.excepthook = thread_died
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM stops us like Ctrl-C
     # even if started ignoring it (a background job)
     signal.signal(signal.SIGINT, signal.default_int_handler)

@@ -461,6 +461,14 @@ for name in ("payment", "shipping"):
 RNG = random.Random(SEED)  # backoff jitter
 
 
+def full_jitter_s(attempt, base_s, cap_s):
+    """A pause before try `attempt` + 1: random(0, min(cap, base * 2^attempt)).
+
+    AWS Architecture Blog, "Exponential Backoff and Jitter". The exponent stops growing long
+    after the cap is reached: 2.0 ** 1024 would raise OverflowError."""
+    return RNG.uniform(0, min(cap_s, base_s * 2.0 ** min(attempt, 32)))
+
+
 def call_dependency(name, path, payload, idempotency_key=None):
     """Call a dependency: timeouts on every attempt, retries bounded in number, time and budget."""
     timeout_s = {"payment": PAYMENT_TIMEOUT_S, "shipping": SHIPPING_TIMEOUT_S}[name]
@@ -511,10 +519,8 @@ def call_dependency(name, path, payload, idempotency_key=None):
             BREAKERS[name].record(ticket, success=False)
             error = exc
             may_retry = RETRY_BUDGETS[name].record(success=False) and exc.retryable
-            pause_s = max(
-                RNG.uniform(0, min(BACKOFF_CAP_S, BACKOFF_BASE_S * 2**attempt)),
-                exc.retry_after_s or 0,
-            )
+            pause_s = full_jitter_s(attempt, BACKOFF_BASE_S, BACKOFF_CAP_S)
+            pause_s = max(pause_s, exc.retry_after_s or 0)  # the dependency's hint, if longer
             if attempt == MAX_ATTEMPTS or not may_retry or time.monotonic() + pause_s >= deadline:
                 raise
             METRICS.add("dependency_retries_total", dependency=name)
@@ -640,6 +646,8 @@ class OrdersHandler(BaseHTTPRequestHandler):
 
     def do_GET(self):
         path = urlsplit(self.path).path
+        if path == "/health" and DEAD_THREADS:  # a worker that died: nothing it did still happens
+            return self.error(503, "unhealthy", f"background thread died: {DEAD_THREADS}")
         if path == "/health":
             return self.reply(200, {"status": "ok"})
         if path == "/metrics":
@@ -1250,6 +1258,15 @@ def announce(urls):
     print("READY " + json.dumps(urls) + banner, flush=True)
 
 
+DEAD_THREADS = []  # background threads that died; /health fails while any is listed
+
+
+def thread_died(args):
+    """threading.excepthook: a background thread that dies is reported, and /health fails."""
+    DEAD_THREADS.append(args.thread.name)
+    log("thread died", thread=args.thread.name, detail=repr(args.exc_value))
+
+
 def exit_with_parent(parent):
     """Stop, like Ctrl-C, once whoever started us is gone: a `kill -9` of it must not orphan us."""
     while os.getppid() == parent:
@@ -1333,6 +1350,7 @@ def main(argv=None):
         "--seed", type=int, default=SEED, help="seed of the simulators' chaos (default %(default)s)"
     )
     args = parser.parse_args(argv)
+    threading.excepthook = thread_died
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM stops us like Ctrl-C
     # even if started ignoring it (a background job)
     signal.signal(signal.SIGINT, signal.default_int_handler)
