@@ -122,8 +122,12 @@ DEPENDENCY_URLS = {}  # "payment"/"shipping" -> base URL, set in MAIN
 EVENTS = queue.Queue()  # naive on purpose: unbounded, so a slow consumer hides a growing backlog
 
 
+# admit()'s "no": our status, the JSON error and its detail, headers, and a label to count it by
+Refusal = collections.namedtuple("Refusal", ["status", "error", "detail", "headers", "reason"])
+
+
 def admit():
-    """Take a new order? None to accept, or (status, error, detail, headers) to refuse it."""
+    """Take a new order? None to accept it, or a Refusal."""
     return None  # naive on purpose: accept everything, however much is already waiting
 
 
@@ -249,7 +253,7 @@ class OrdersHandler(BaseHTTPRequestHandler):
             return self.error(400, "invalid order", str(exc))
         refusal = admit()  # after validation: bad input hears "400, fix it", never "503, retry"
         if refusal:
-            return self.error(*refusal)
+            return self.error(refusal.status, refusal.error, refusal.detail, refusal.headers)
         self.reply(*self.place(fields))
 
     def place(self, fields):
@@ -352,6 +356,7 @@ CHAOS_KNOBS = {
     # knob -> its range; blackhole and down are 0/1 switches
     "blackhole": (0, 1),
     "down": (0, 1),
+    "workers": (1, 64),  # worker slots in service: capacity changes, quietly (an integer)
 }
 # our callers send a request in one write: a trickle or a short body is cut off
 REQUEST_READ_S = 1.0
@@ -377,6 +382,8 @@ class Dependency:
         # ref -> calls that took a worker slot: the real work done
         self.worked = collections.Counter()
         self.answers = {}  # Idempotency-Key -> [request body, answer (None while in flight)]
+        self.busy = 0  # worker slots serving a call
+        self.slot_freed = asyncio.Event()  # set when a call ends or the workers knob changes
 
     async def handle(self, reader, writer):
         """Serve one connection: one request, one answer, close."""
@@ -435,18 +442,25 @@ class Dependency:
         # a latency_factor of 1e308 would wedge every worker for good
         for knob, value in chaos.items():
             low, high = CHAOS_KNOBS.get(knob, (1, 0))  # an unknown knob: an empty range
-            if not (
-                value in (0, 1)
-                if knob in ("blackhole", "down")
-                else type(value) in (int, float) and low <= value <= high
-            ):  # NaN is in no range
+            if knob in ("blackhole", "down"):
+                valid = value in (0, 1)
+            elif knob == "workers":
+                valid = type(value) is int and low <= value <= high  # type(): True is an int
+            else:
+                valid = type(value) in (int, float) and low <= value <= high  # NaN is in no range
+            if not valid:
                 raise BadRequest(
                     400,
                     "chaos knobs: latency_factor 1 to 100; error_rate, ambiguous_rate, "
-                    "hang_rate 0 to 1; blackhole, down true or false",
+                    "hang_rate 0 to 1; blackhole, down true or false; workers an integer 1 to 64",
                 )
         self.chaos = {knob: value for knob, value in chaos.items() if value}
+        self.slot_freed.set()  # more slots, maybe: dispatch looks again
         return self.chaos
+
+    def slots(self):
+        """Worker slots in service now: the workers knob if set, else the built-in count."""
+        return self.chaos.get("workers", self.workers)
 
     async def serve(self, reader, writer, headers, payload):
         """One call: check it, then chaos, then Idempotency-Key, then the FIFO and a worker slot."""
@@ -541,53 +555,61 @@ class Dependency:
         finally:
             self.stats["held_open"] -= 1
 
-    async def work(self):
-        """One worker slot: take calls in FIFO order, spend the service time, commit."""
+    async def dispatch(self):
+        """Start the queued calls in FIFO order, each as soon as a worker slot is free."""
         while True:
+            while self.busy >= self.slots():  # every slot busy, or taken out of service
+                self.slot_freed.clear()
+                await self.slot_freed.wait()
             job = await self.queue.get()
-            try:
-                if job["deadline"] and time.monotonic() > job["deadline"]:
-                    self.stats["expired_dropped"] += 1  # nobody can use the answer: skip the work
-                    self.answers.pop(job["key"], None)
-                    job["done"].set_result((504, {"error": "deadline exceeded"}))
-                    continue
-                self.stats["in_flight"] += 1
-                self.stats["worked"] += 1
-                self.worked[job["ref"]] += 1
-                await asyncio.sleep(self.service_s * self.chaos.get("latency_factor", 1))
-                self.stats["in_flight"] -= 1
-                roll = self.rng.random()
-                error_rate = self.chaos.get("error_rate", 0)
-                if roll < error_rate:
-                    self.stats["failed"] += 1
-                    self.answers.pop(job["key"], None)
-                    job["done"].set_result((500, {"error": "injected failure, nothing committed"}))
-                    continue
-                self.commits[job["ref"]] += 1
-                self.stats["commits"] += 1
-                job["committed"] = True  # zombie work if serve() finds its caller gone
-                answer = {"ref": job["ref"], "status": "committed"}
-                if job["key"]:
-                    self.answers[job["key"]][1] = answer
-                if roll < error_rate + self.chaos.get("ambiguous_rate", 0):
-                    self.stats["ambiguous"] += 1
-                    answer = self.rng.choice(
-                        [(500, {"error": "failed after commit"}), (None, None)]
-                    )
-                    job["done"].set_result(answer)
-                else:
-                    job["done"].set_result((200, answer))
-            # a worker task that raises dies silently, and a slot of capacity with it
-            except Exception as exc:
-                print(f"{self.name}: a call failed in a worker: {exc!r}", file=sys.stderr)
-                if not job["done"].done():
-                    job["done"].set_result((500, {"error": "internal error"}))
+            self.busy += 1
+            asyncio.ensure_future(self.work(job))
+
+    async def work(self, job):
+        """One call in a worker slot: spend the service time, commit, answer."""
+        try:
+            if job["deadline"] and time.monotonic() > job["deadline"]:
+                self.stats["expired_dropped"] += 1  # nobody can use the answer: skip the work
+                self.answers.pop(job["key"], None)
+                job["done"].set_result((504, {"error": "deadline exceeded"}))
+                return
+            self.stats["in_flight"] += 1
+            self.stats["worked"] += 1
+            self.worked[job["ref"]] += 1
+            await asyncio.sleep(self.service_s * self.chaos.get("latency_factor", 1))
+            self.stats["in_flight"] -= 1
+            roll = self.rng.random()
+            error_rate = self.chaos.get("error_rate", 0)
+            if roll < error_rate:
+                self.stats["failed"] += 1
+                self.answers.pop(job["key"], None)
+                job["done"].set_result((500, {"error": "injected failure, nothing committed"}))
+                return
+            self.commits[job["ref"]] += 1
+            self.stats["commits"] += 1
+            job["committed"] = True  # zombie work if serve() finds its caller gone
+            answer = {"ref": job["ref"], "status": "committed"}
+            if job["key"]:
+                self.answers[job["key"]][1] = answer
+            if roll < error_rate + self.chaos.get("ambiguous_rate", 0):
+                self.stats["ambiguous"] += 1
+                answer = self.rng.choice([(500, {"error": "failed after commit"}), (None, None)])
+                job["done"].set_result(answer)
+            else:
+                job["done"].set_result((200, answer))
+        except Exception as exc:  # a bug costs one call, never a slot of capacity
+            print(f"{self.name}: a call failed in a worker: {exc!r}", file=sys.stderr)
+            if not job["done"].done():
+                job["done"].set_result((500, {"error": "internal error"}))
+        finally:
+            self.busy -= 1
+            self.slot_freed.set()
 
     def snapshot(self, with_refs):
         """Ground truth: what really happened here, whatever the callers believe."""
         snap = {
             "name": self.name,
-            "capacity_rps": self.workers / self.service_s,
+            "capacity_rps": self.slots() / self.service_s,
             "chaos": self.chaos,
             "queue_depth": self.queue.qsize(),
             "unique_refs": len(self.commits),
@@ -619,15 +641,14 @@ class Dependency:
     async def run(self, host, port):
         """Listen and serve until our parent process is gone (so no orphan outlives it)."""
         self.queue = asyncio.Queue()  # unbounded: a naive dependency never says no
-        workers = [asyncio.ensure_future(self.work()) for _ in range(self.workers)]
+        dispatcher = asyncio.ensure_future(self.dispatch())
         server = await asyncio.start_server(self.handle, host, port, backlog=4096)
         announce({self.name: f"http://{host}:{server.sockets[0].getsockname()[1]}"})
         parent = os.getppid()
         async with server:
             while os.getppid() == parent:
                 await asyncio.sleep(0.5)
-        for worker in workers:
-            worker.cancel()
+        dispatcher.cancel()
 
 
 async def read_request(reader):

@@ -20,6 +20,7 @@ Diff:        diff -u v0_7_breaker.py v0_8_observability.py
 import argparse
 import asyncio
 import collections
+import contextvars
 import errno
 import http.client
 import io
@@ -73,7 +74,7 @@ BACKOFF_CAP_S = 0.5  # so three 250 ms attempts and their pauses fit in CALL_DEA
 RETRY_TOKENS_MAX = 10
 # a success earns 0.5, a failure costs 1: retries stop once >1/3 of calls fail
 RETRY_TOKEN_RATIO = 0.5
-# resilience4j: the last 100 calls; 50 is ~1 s here (20 tripped on 20% hangs: noise)
+# resilience4j counts the last 100 calls; 50 is ~1 s of calls at C here
 BREAKER_WINDOW_CALLS = 50
 BREAKER_MIN_CALLS = 10  # never judge on fewer (resilience4j: minimumNumberOfCalls)
 BREAKER_FAILURE_RATE = 0.5  # open at >= 50% failed or slow calls (resilience4j and Hystrix: 50%)
@@ -81,7 +82,7 @@ BREAKER_FAILURE_RATE = 0.5  # open at >= 50% failed or slow calls (resilience4j 
 BREAKER_SLOW_CALL_S = 0.25
 BREAKER_OPEN_S = 1.0  # fail fast this long, then probe (resilience4j 60 s, Polly and Hystrix 5 s)
 BREAKER_PROBES = 3  # calls let through half-open; all must succeed to close
-# the Prometheus clients' defaults
+# the Prometheus Go client's default buckets up to 2.5 s (its 5 and 10 s: no wait here is that long)
 LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, float("inf"))
 
 # === BUSINESS LOGIC (identical in every version) ===
@@ -164,8 +165,9 @@ DEPENDENCY_URLS = {}  # "payment"/"shipping" -> base URL, set in MAIN
 EVENTS = queue.Queue(EVENTS_MAX + ORDER_WORKERS)
 # admit() refuses at EVENTS_MAX; the orders already past it (one per worker at most) always
 # find room, so publish() never blocks a worker on a full queue after the charge.
-# the id of the request this thread serves; it travels on as X-Request-Id
-CONTEXT = threading.local()
+# The request being served, passed explicitly: a ContextVar, read with .get() where it is used.
+# Each thread starts with its own context, so a value never leaks into another thread.
+REQUEST_ID = contextvars.ContextVar("request_id", default=None)  # travels on as X-Request-Id
 # log_writer empties it: a stderr that nobody reads must never stop a worker
 LOG_LINES = queue.Queue(10_000)
 
@@ -301,19 +303,19 @@ class TokenBucket:
 ADMISSION = TokenBucket(ADMIT_RATE_RPS, ADMIT_BURST)
 
 
+# admit()'s "no": our status, the JSON error and its detail, headers, and a label to count it by
+Refusal = collections.namedtuple("Refusal", ["status", "error", "detail", "headers", "reason"])
+
+
 def admit():
-    """Take a new order? None to accept, or (status, error, detail, headers) to refuse it."""
+    """Take a new order? None to accept it, or a Refusal."""
     if EVENTS.qsize() >= EVENTS_MAX:  # backpressure: fulfilment is behind, so stop taking orders
-        return (
-            503,
-            "fulfilment backlog full",
-            f"{EVENTS_MAX} orders wait to ship",
-            {"Retry-After": "1"},
-        )
+        detail = f"{EVENTS_MAX} orders wait to ship"
+        return Refusal(503, "fulfilment backlog full", detail, {"Retry-After": "1"}, "backlog")
     if ADMISSION.try_take():
         return None
-    # RFC 9110
-    return 503, "overloaded", f"over {ADMIT_RATE_RPS} orders/s, retry later", {"Retry-After": "1"}
+    detail = f"over {ADMIT_RATE_RPS} orders/s, retry later"
+    return Refusal(503, "overloaded", detail, {"Retry-After": "1"}, "rate")  # RFC 9110
 
 
 def http_post(url, payload, headers, connect_timeout_s, timeout_s):
@@ -369,6 +371,13 @@ class RetryBudget:
             if (self.tokens > self.max_tokens / 2) != before:  # a state change: worth a log line
                 log("retry budget " + ("exhausted" if before else "restored"), dependency=self.name)
             return self.tokens > self.max_tokens / 2
+
+
+class CircuitOpen(DependencyError):
+    """The breaker is open: nothing was tried, so nothing can have happened. Answered 503."""
+
+    def __init__(self, name):
+        super().__init__(503, f"{name} circuit open: failing fast", retryable=False)
 
 
 class CircuitBreaker:
@@ -477,7 +486,7 @@ def call_dependency(name, path, payload, idempotency_key=None):
     headers = {
         "Idempotency-Key": idempotency_key,
         # one id for the request in every service
-        "X-Request-Id": getattr(CONTEXT, "request_id", None),
+        "X-Request-Id": REQUEST_ID.get(),
     }
     error = None
     for attempt in range(1, MAX_ATTEMPTS + 1):
@@ -490,7 +499,7 @@ def call_dependency(name, path, payload, idempotency_key=None):
             raise error
         # open: do not even try; not retried, since nothing changes for BREAKER_OPEN_S
         if ticket is None:
-            raise DependencyError(503, f"{name} circuit open: failing fast", retryable=False)
+            raise CircuitOpen(name)
         started = time.monotonic()
         try:
             answer = http_post(
@@ -574,16 +583,14 @@ IDEMPOTENCY = IdempotencyStore(IDEMPOTENCY_TTL_S, IDEMPOTENCY_KEYS_MAX)
 
 def publish(event):
     """Put an event on the queue for the fulfilment worker, stamped with its time and request id."""
-    EVENTS.put(
-        {**event, "published": time.monotonic(), "request_id": getattr(CONTEXT, "request_id", None)}
-    )
+    EVENTS.put({**event, "published": time.monotonic(), "request_id": REQUEST_ID.get()})
 
 
 def fulfilment_worker():
     """Ship placed orders one at a time. Naive: a shipment that fails is dropped for good."""
     while True:
         event = EVENTS.get()
-        CONTEXT.request_id = event["request_id"]
+        REQUEST_ID.set(event["request_id"])
         try:
             fulfil(event)
         except Exception as exc:  # one bad event must never stop fulfilment
@@ -612,7 +619,8 @@ class OrdersHandler(BaseHTTPRequestHandler):
         self.command = None
         self.path = ""
         # unless the client sends its own
-        CONTEXT.request_id = self.request_id = os.urandom(8).hex()
+        self.request_id = os.urandom(8).hex()
+        REQUEST_ID.set(self.request_id)
         super().setup()  # then read the request through a deadline: a trickle cannot pin a worker
         self.rfile = io.BufferedReader(
             DeadlineReader(self.connection, time.monotonic() + CLIENT_READ_DEADLINE_S)
@@ -641,7 +649,8 @@ class OrdersHandler(BaseHTTPRequestHandler):
         client_id = self.headers.get("X-Request-Id", "")
         # a caller's id joins its logs to ours
         if 1 <= len(client_id) <= 64 and client_id.isprintable():
-            CONTEXT.request_id = self.request_id = client_id
+            self.request_id = client_id
+            REQUEST_ID.set(client_id)
         return True
 
     def do_GET(self):
@@ -681,8 +690,8 @@ class OrdersHandler(BaseHTTPRequestHandler):
             return self.error(400, "invalid Idempotency-Key", "send one, of 1 to 255 characters")
         refusal = admit()  # after validation: bad input hears "400, fix it", never "503, retry"
         if refusal:
-            METRICS.add("orders_rejected_total", reason=refusal[1].replace(" ", "_"))
-            return self.error(*refusal)
+            METRICS.add("orders_rejected_total", reason=refusal.reason)
+            return self.error(refusal.status, refusal.error, refusal.detail, refusal.headers)
         if key is None:
             return self.reply(*self.place(fields))
         answer = IDEMPOTENCY.begin(key, fields)  # None: a new key, reserved for us
@@ -700,7 +709,7 @@ class OrdersHandler(BaseHTTPRequestHandler):
             order = place_order(fields)
         except DependencyError as exc:
             # the breaker is open: come back later
-            retry_after = {"Retry-After": "1"} if exc.status == 503 else {}
+            retry_after = {"Retry-After": "1"} if isinstance(exc, CircuitOpen) else {}
             return exc.status, {"error": "payment failed", "detail": exc.detail}, retry_after
         answer = {k: order[k] for k in ("order_id", "status", "amount")}
         return 201, answer, {"Location": f"/orders/{order['order_id']}"}
@@ -833,10 +842,11 @@ class OrdersServer(HTTPServer):
 
     def process_request(self, request, client_address):
         """serve_forever calls this for every new connection: queue it, or shed it if full."""
+        METRICS.add("queue_depth", 1, queue="accept")  # first: a worker may take it at once
         try:
             self.accepted.put_nowait((request, client_address))
-            METRICS.add("queue_depth", 1, queue="accept")
         except queue.Full:
+            METRICS.add("queue_depth", -1, queue="accept")
             self.shed(request)
 
     def work(self):
@@ -890,6 +900,7 @@ CHAOS_KNOBS = {
     # knob -> its range; blackhole and down are 0/1 switches
     "blackhole": (0, 1),
     "down": (0, 1),
+    "workers": (1, 64),  # worker slots in service: capacity changes, quietly (an integer)
 }
 # our callers send a request in one write: a trickle or a short body is cut off
 REQUEST_READ_S = 1.0
@@ -915,6 +926,8 @@ class Dependency:
         # ref -> calls that took a worker slot: the real work done
         self.worked = collections.Counter()
         self.answers = {}  # Idempotency-Key -> [request body, answer (None while in flight)]
+        self.busy = 0  # worker slots serving a call
+        self.slot_freed = asyncio.Event()  # set when a call ends or the workers knob changes
 
     async def handle(self, reader, writer):
         """Serve one connection: one request, one answer, close."""
@@ -973,18 +986,25 @@ class Dependency:
         # a latency_factor of 1e308 would wedge every worker for good
         for knob, value in chaos.items():
             low, high = CHAOS_KNOBS.get(knob, (1, 0))  # an unknown knob: an empty range
-            if not (
-                value in (0, 1)
-                if knob in ("blackhole", "down")
-                else type(value) in (int, float) and low <= value <= high
-            ):  # NaN is in no range
+            if knob in ("blackhole", "down"):
+                valid = value in (0, 1)
+            elif knob == "workers":
+                valid = type(value) is int and low <= value <= high  # type(): True is an int
+            else:
+                valid = type(value) in (int, float) and low <= value <= high  # NaN is in no range
+            if not valid:
                 raise BadRequest(
                     400,
                     "chaos knobs: latency_factor 1 to 100; error_rate, ambiguous_rate, "
-                    "hang_rate 0 to 1; blackhole, down true or false",
+                    "hang_rate 0 to 1; blackhole, down true or false; workers an integer 1 to 64",
                 )
         self.chaos = {knob: value for knob, value in chaos.items() if value}
+        self.slot_freed.set()  # more slots, maybe: dispatch looks again
         return self.chaos
+
+    def slots(self):
+        """Worker slots in service now: the workers knob if set, else the built-in count."""
+        return self.chaos.get("workers", self.workers)
 
     async def serve(self, reader, writer, headers, payload):
         """One call: check it, then chaos, then Idempotency-Key, then the FIFO and a worker slot."""
@@ -1079,53 +1099,61 @@ class Dependency:
         finally:
             self.stats["held_open"] -= 1
 
-    async def work(self):
-        """One worker slot: take calls in FIFO order, spend the service time, commit."""
+    async def dispatch(self):
+        """Start the queued calls in FIFO order, each as soon as a worker slot is free."""
         while True:
+            while self.busy >= self.slots():  # every slot busy, or taken out of service
+                self.slot_freed.clear()
+                await self.slot_freed.wait()
             job = await self.queue.get()
-            try:
-                if job["deadline"] and time.monotonic() > job["deadline"]:
-                    self.stats["expired_dropped"] += 1  # nobody can use the answer: skip the work
-                    self.answers.pop(job["key"], None)
-                    job["done"].set_result((504, {"error": "deadline exceeded"}))
-                    continue
-                self.stats["in_flight"] += 1
-                self.stats["worked"] += 1
-                self.worked[job["ref"]] += 1
-                await asyncio.sleep(self.service_s * self.chaos.get("latency_factor", 1))
-                self.stats["in_flight"] -= 1
-                roll = self.rng.random()
-                error_rate = self.chaos.get("error_rate", 0)
-                if roll < error_rate:
-                    self.stats["failed"] += 1
-                    self.answers.pop(job["key"], None)
-                    job["done"].set_result((500, {"error": "injected failure, nothing committed"}))
-                    continue
-                self.commits[job["ref"]] += 1
-                self.stats["commits"] += 1
-                job["committed"] = True  # zombie work if serve() finds its caller gone
-                answer = {"ref": job["ref"], "status": "committed"}
-                if job["key"]:
-                    self.answers[job["key"]][1] = answer
-                if roll < error_rate + self.chaos.get("ambiguous_rate", 0):
-                    self.stats["ambiguous"] += 1
-                    answer = self.rng.choice(
-                        [(500, {"error": "failed after commit"}), (None, None)]
-                    )
-                    job["done"].set_result(answer)
-                else:
-                    job["done"].set_result((200, answer))
-            # a worker task that raises dies silently, and a slot of capacity with it
-            except Exception as exc:
-                print(f"{self.name}: a call failed in a worker: {exc!r}", file=sys.stderr)
-                if not job["done"].done():
-                    job["done"].set_result((500, {"error": "internal error"}))
+            self.busy += 1
+            asyncio.ensure_future(self.work(job))
+
+    async def work(self, job):
+        """One call in a worker slot: spend the service time, commit, answer."""
+        try:
+            if job["deadline"] and time.monotonic() > job["deadline"]:
+                self.stats["expired_dropped"] += 1  # nobody can use the answer: skip the work
+                self.answers.pop(job["key"], None)
+                job["done"].set_result((504, {"error": "deadline exceeded"}))
+                return
+            self.stats["in_flight"] += 1
+            self.stats["worked"] += 1
+            self.worked[job["ref"]] += 1
+            await asyncio.sleep(self.service_s * self.chaos.get("latency_factor", 1))
+            self.stats["in_flight"] -= 1
+            roll = self.rng.random()
+            error_rate = self.chaos.get("error_rate", 0)
+            if roll < error_rate:
+                self.stats["failed"] += 1
+                self.answers.pop(job["key"], None)
+                job["done"].set_result((500, {"error": "injected failure, nothing committed"}))
+                return
+            self.commits[job["ref"]] += 1
+            self.stats["commits"] += 1
+            job["committed"] = True  # zombie work if serve() finds its caller gone
+            answer = {"ref": job["ref"], "status": "committed"}
+            if job["key"]:
+                self.answers[job["key"]][1] = answer
+            if roll < error_rate + self.chaos.get("ambiguous_rate", 0):
+                self.stats["ambiguous"] += 1
+                answer = self.rng.choice([(500, {"error": "failed after commit"}), (None, None)])
+                job["done"].set_result(answer)
+            else:
+                job["done"].set_result((200, answer))
+        except Exception as exc:  # a bug costs one call, never a slot of capacity
+            print(f"{self.name}: a call failed in a worker: {exc!r}", file=sys.stderr)
+            if not job["done"].done():
+                job["done"].set_result((500, {"error": "internal error"}))
+        finally:
+            self.busy -= 1
+            self.slot_freed.set()
 
     def snapshot(self, with_refs):
         """Ground truth: what really happened here, whatever the callers believe."""
         snap = {
             "name": self.name,
-            "capacity_rps": self.workers / self.service_s,
+            "capacity_rps": self.slots() / self.service_s,
             "chaos": self.chaos,
             "queue_depth": self.queue.qsize(),
             "unique_refs": len(self.commits),
@@ -1157,15 +1185,14 @@ class Dependency:
     async def run(self, host, port):
         """Listen and serve until our parent process is gone (so no orphan outlives it)."""
         self.queue = asyncio.Queue()  # unbounded: a naive dependency never says no
-        workers = [asyncio.ensure_future(self.work()) for _ in range(self.workers)]
+        dispatcher = asyncio.ensure_future(self.dispatch())
         server = await asyncio.start_server(self.handle, host, port, backlog=4096)
         announce({self.name: f"http://{host}:{server.sockets[0].getsockname()[1]}"})
         parent = os.getppid()
         async with server:
             while os.getppid() == parent:
                 await asyncio.sleep(0.5)
-        for worker in workers:
-            worker.cancel()
+        dispatcher.cancel()
 
 
 async def read_request(reader):

@@ -98,9 +98,10 @@ class Service:
     def wait_ready(self, timeout_s):
         urls = read_ready(self.proc, timeout_s)
         if urls is None:
-            self.stop()
             self.log.seek(0)
-            raise AssertionError(f"no READY line; stderr: {self.log.read()[-2000:]}")
+            said = self.log.read()[-2000:]  # before stop(), which closes the log
+            self.stop()
+            raise AssertionError(f"no READY line; stderr: {said}")
         return urls
 
     def stderr(self):

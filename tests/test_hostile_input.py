@@ -6,6 +6,7 @@ charged exactly once, and nothing printed a traceback. A hang is caught by a sho
 """
 import json
 import socket
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
@@ -87,6 +88,10 @@ def simulator_cases(role):
         ("error_rate -0.1", b'{"error_rate": -0.1}'), ("error_rate 2", b'{"error_rate": 2}'),
         ("ambiguous_rate NaN", b'{"ambiguous_rate": NaN}'), ("hang_rate \"1\"", b'{"hang_rate": "1"}'),
         ("down 0.5", b'{"down": 0.5}'), ("blackhole 2", b'{"blackhole": 2}'), ("down null", b'{"down": null}'),
+        ("workers 0", b'{"workers": 0}'), ("workers 65", b'{"workers": 65}'), ("workers -1", b'{"workers": -1}'),
+        ("workers 2.5", b'{"workers": 2.5}'), ("workers 2.0", b'{"workers": 2.0}'),
+        ("workers true", b'{"workers": true}'), ("workers \"2\"", b'{"workers": "2"}'),
+        ("workers NaN", b'{"workers": NaN}'), ("workers of 400 digits", b'{"workers": ' + b"9" * 400 + b"}"),
         ("chaos a list", b"[1]"), ("chaos nested too deep", b"[" * DEPTH), ("chaos invalid UTF-8", b'{"\xff": 1}'),
     ]
     cases = [(f"POST /chaos {label}", raw_request("POST", "/chaos", body), (400,), "error", False)
@@ -246,3 +251,25 @@ def test_half_close_is_answered_and_a_real_close_is_zombie_work(service):
             break
         time.sleep(0.05)  # a pause between polls, not a synchronisation
     assert (stats["commits"], stats["zombie"], stats["held_open"]) == (3, 2, 0), stats
+
+
+def test_the_workers_knob_changes_capacity_and_back(service):
+    """payment's `workers` knob: 1 slot serves charges one after another, {} restores all 4."""
+    payment = service.urls["payment"]
+    assert request(payment + "/stats")[2]["capacity_rps"] == 100
+    assert request(payment + "/chaos", "POST", {"workers": 1})[::2] == (200, {"workers": 1})
+    assert request(payment + "/stats")[2]["capacity_rps"] == 25
+
+    def four_charges_s():
+        threads = [threading.Thread(target=charge_seconds, args=(payment,)) for _ in range(4)]
+        started = time.monotonic()
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(HANG_TIMEOUT_S)
+        return time.monotonic() - started
+
+    one_slot_s = four_charges_s()  # 4 x 40 ms in a row
+    assert request(payment + "/chaos", "POST", {})[::2] == (200, {})
+    four_slots_s = four_charges_s()  # 40 ms side by side
+    assert one_slot_s >= 0.15 and four_slots_s < one_slot_s / 2, (one_slot_s, four_slots_s)
