@@ -6,6 +6,7 @@ which rule it checks and runs in milliseconds.
 
 import http.client
 import json
+import socket
 import threading
 
 import pytest
@@ -84,3 +85,33 @@ def test_redelivery_survives_a_thousand_failed_shipments(path, monkeypatch):
     threading.Thread(target=module.fulfilment_worker, daemon=True).start()
     module.publish({"type": "OrderPlaced", "order_id": "ord-1", "ref": "r-1"})
     assert shipped.wait(30), f"fulfilment stopped with {failures_left[0]} failures to go"
+
+
+@pytest.mark.parametrize("path", versions_from("v1_0"), ids=version_id)
+def test_the_oldest_event_age_counts_the_event_being_redelivered(path):
+    """The stuck event is the one fulfilment holds, not one still in the queue."""
+    module = load_version(path)
+    module.DELIVERING["ord-stuck"] = module.time.monotonic() - 5
+    age = module.gauges()[("fulfilment_oldest_event_age_seconds", ())]
+    assert age >= 5, age
+
+
+@pytest.mark.parametrize("path", versions_from("v0_8"), ids=version_id)
+def test_the_accept_queue_gauge_never_reads_below_zero(path):
+    """A pool thread may take a connection the moment it is queued: count it before the put."""
+    module = load_version(path)
+    gauge = ("queue_depth", (("queue", "accept"),))
+    seen = []
+
+    class Spy(module.queue.Queue):
+        def put_nowait(self, item):
+            seen.append(module.METRICS.values[gauge])
+            super().put_nowait(item)
+
+    server = module.OrdersServer(("127.0.0.1", 0), module.OrdersHandler)
+    try:
+        server.accepted = Spy(1)
+        server.process_request(socket.socket(), ("127.0.0.1", 1))
+        assert seen == [1], "counted after the put: a worker's -1 could come first"
+    finally:
+        server.server_close()
