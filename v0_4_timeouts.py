@@ -104,12 +104,15 @@ def parse_order(body):
 
 
 ORDERS = {}  # order_id -> order. One dict operation is atomic in CPython: no lock needed
+# per process, from the OS and not the seeded RNG: a restarted orders process must never reuse an
+# id, or payment would replay the charge it holds under "charge-<id>" for another order
+ORDER_ID_PREFIX = os.urandom(3).hex()
 ORDER_IDS = itertools.count(1)
 
 
 def place_order(fields):
     """Charge, store, publish OrderPlaced; return the order or raise DependencyError."""
-    order_id = f"ord-{next(ORDER_IDS):06d}"
+    order_id = f"ord-{ORDER_ID_PREFIX}-{next(ORDER_IDS):06d}"
     ref = fields["ref"] or order_id
     amount = CATALOG_CENTS[fields["item"]] * fields["qty"]
     call_dependency(
