@@ -25,6 +25,7 @@ import json
 import os
 import queue
 import random
+import select
 import signal
 import socket
 import subprocess
@@ -43,6 +44,10 @@ PAYMENT_SERVICE_MS = 40  # ...40 ms each: capacity C = 4 / 0.040 = 100 charges/s
 SHIPPING_WORKERS = 4
 SHIPPING_SERVICE_MS = 5  # fast enough for one sequential fulfilment worker to keep up
 MAX_BODY_BYTES = 64 * 1024  # larger request bodies get 413
+# Ctrl-C/SIGTERM: this long to finish accepted requests and ship what is queued. A healthy request
+# takes ~50 ms and a shipment 5 ms, so 2 s is ample and Ctrl-C stays prompt; gunicorn and
+# Kubernetes give 30 s to services whose requests take seconds
+STOP_GRACE_S = 2.0
 CATALOG_CENTS = {"book": 1200, "mug": 800, "pen": 150}
 MAX_QTY = 1000
 SEED = 42  # all randomness comes from random.Random(SEED)
@@ -104,12 +109,15 @@ def parse_order(body):
 
 
 ORDERS = {}  # order_id -> order. One dict operation is atomic in CPython: no lock needed
+# per process, from the OS and not the seeded RNG: a restarted orders process must never reuse an
+# id, or payment would replay the charge it holds under "charge-<id>" for another order
+ORDER_ID_PREFIX = os.urandom(3).hex()
 ORDER_IDS = itertools.count(1)
 
 
 def place_order(fields):
     """Charge, store, publish OrderPlaced; return the order or raise DependencyError."""
-    order_id = f"ord-{next(ORDER_IDS):06d}"
+    order_id = f"ord-{ORDER_ID_PREFIX}-{next(ORDER_IDS):06d}"
     ref = fields["ref"] or order_id
     amount = CATALOG_CENTS[fields["item"]] * fields["qty"]
     call_dependency(
@@ -420,6 +428,8 @@ class OrdersServer(HTTPServer):
 
     # the default 5 drops SYNs under a burst: a dropped SYN is resent after 1 s
     request_queue_size = 1024
+    open_connections = 0  # accepted and not yet closed: a graceful stop waits for them
+    open_connections_lock = threading.Lock()
     overloaded = json.dumps(
         {"error": "overloaded", "detail": "all workers busy, retry later"}
     ).encode()
@@ -465,6 +475,18 @@ class OrdersServer(HTTPServer):
         except OSError:
             pass
         self.shutdown_request(request)
+
+    def verify_request(self, request, client_address):
+        """Every connection we accept passes here first: count it (shutdown_request uncounts it)."""
+        with self.open_connections_lock:
+            self.open_connections += 1
+        return True
+
+    def shutdown_request(self, request):
+        """Close a connection we are done with, answered or shed, and uncount it."""
+        super().shutdown_request(request)
+        with self.open_connections_lock:
+            self.open_connections -= 1
 
     def handle_error(self, request, client_address):
         print(f"error serving {client_address}: {sys.exc_info()[1]!r}", file=sys.stderr)
@@ -854,6 +876,37 @@ def thread_died(args):
     print(f"{args.thread.name} died: {args.exc_value!r}", file=sys.stderr)
 
 
+def unshipped_orders():
+    """Orders we acknowledged with a 201 that have not shipped (yet, or ever)."""
+    return sum(1 for order in list(ORDERS.values()) if order["status"] != "shipped")
+
+
+def stop_gracefully(server):
+    """Stop taking connections, finish those taken, give fulfilment STOP_GRACE_S, say what is left.
+
+    A second Ctrl-C (a KeyboardInterrupt in here) stops at once."""
+    server.timeout = 0
+    # what the kernel accepted for us already is ours to answer: closing the listening socket
+    # would reset it
+    for _ in range(server.request_queue_size):
+        if not select.select([server.socket], [], [], 0)[0]:
+            break
+        server.handle_request()
+    server.socket.close()  # from here on a new connection is refused, at once
+    sys.stderr.write(
+        f"stopping: {server.open_connections} requests in progress, {unshipped_orders()} orders "
+        f"to ship; waiting up to {STOP_GRACE_S} s (Ctrl-C again stops at once)\n"
+    )
+    deadline = time.monotonic() + STOP_GRACE_S
+    try:
+        while time.monotonic() < deadline and (server.open_connections or unshipped_orders()):
+            time.sleep(0.05)  # polling: the request threads and the fulfilment worker run on
+    finally:
+        sys.stderr.write(
+            f"{unshipped_orders()} acknowledged orders not shipped: they lived in memory\n"
+        )
+
+
 def exit_with_parent(parent):
     """Stop, like Ctrl-C, once whoever started us is gone: a `kill -9` of it must not orphan us."""
     while os.getppid() == parent:
@@ -875,6 +928,7 @@ def start_child(role, host, port, seed):
             str(port),
             "--seed",
             str(seed),
+            "--child",
         ],
         stdout=subprocess.PIPE,
         text=True,
@@ -936,6 +990,8 @@ def main(argv=None):
     parser.add_argument(
         "--seed", type=int, default=SEED, help="seed of the simulators' chaos (default %(default)s)"
     )
+    # orders starts payment and shipping with it; not for people
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     threading.excepthook = thread_died
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM stops us like Ctrl-C
@@ -961,6 +1017,10 @@ def main(argv=None):
             # a simulator has nothing to save: stop at once, quietly
             for sig in (signal.SIGINT, signal.SIGTERM):
                 signal.signal(sig, lambda *_: os._exit(0))
+            # orders' child: a Ctrl-C at the terminal reaches its whole process group, but orders
+            # still needs us for its graceful stop, and stops us itself (SIGTERM) once it is done
+            if args.child:
+                signal.signal(signal.SIGINT, signal.SIG_IGN)
             return asyncio.run(
                 Dependency(args.role, workers, service_ms, args.seed).run(args.host, port)
             )
@@ -976,7 +1036,10 @@ def main(argv=None):
             threading.Thread(target=fulfilment_worker, daemon=True).start()
             announce({"orders": f"http://{args.host}:{server.server_address[1]}", **urls})
             threading.Thread(target=exit_with_parent, args=(os.getppid(),), daemon=True).start()
-            server.serve_forever()
+            try:
+                server.serve_forever()
+            except KeyboardInterrupt:  # the first Ctrl-C or SIGTERM stops gracefully
+                stop_gracefully(server)
     except KeyboardInterrupt:
         pass
     except OSError as exc:
