@@ -44,10 +44,6 @@ PAYMENT_SERVICE_MS = 40  # ...40 ms each: capacity C = 4 / 0.040 = 100 charges/s
 SHIPPING_WORKERS = 4
 SHIPPING_SERVICE_MS = 5  # fast enough for one sequential fulfilment worker to keep up
 MAX_BODY_BYTES = 64 * 1024  # larger request bodies get 413
-# Ctrl-C/SIGTERM: this long to finish accepted requests and ship what is queued. A healthy request
-# takes ~50 ms and a shipment 5 ms, so 2 s is ample and Ctrl-C stays prompt; gunicorn and
-# Kubernetes give 30 s to services whose requests take seconds
-STOP_GRACE_S = 2.0
 CATALOG_CENTS = {"book": 1200, "mug": 800, "pen": 150}
 MAX_QTY = 1000
 SEED = 42  # all randomness comes from random.Random(SEED)
@@ -358,6 +354,7 @@ class OrdersHandler(BaseHTTPRequestHandler):
     server_version = "orders"
     # headers and body in one packet: no 40 ms Nagle/delayed-ACK stall
     disable_nagle_algorithm = True
+    protocol_version = "HTTP/1.1"  # as all our answers say; and only 1.1 may send 100 Continue
 
     def setup(self):
         super().setup()  # then read the request through a deadline: a trickle cannot pin a worker
@@ -470,6 +467,9 @@ class OrdersHandler(BaseHTTPRequestHandler):
         elif len(length) > 9 or int(length) > MAX_BODY_BYTES:
             self.error(413, "body too large", f"at most {MAX_BODY_BYTES} bytes")
         else:
+            expect = self.headers.get("Expect", "").lower()  # the client waits ~1 s for it
+            if expect == "100-continue" and self.request_version == "HTTP/1.1":
+                super().handle_expect_100()
             body = self.rfile.read(int(length))
             if len(body) == int(length):
                 return body
@@ -503,6 +503,10 @@ class OrdersHandler(BaseHTTPRequestHandler):
         """The standard library's own errors (bad request line, huge headers) as JSON too."""
         self.request_version = "HTTP/1.0"  # a garbled request line leaves HTTP/0.9: no status line
         self.error(code, HTTPStatus(code).phrase, message or explain or "")
+
+    def handle_expect_100(self):
+        """Expect: 100-continue: read_body sends it once it wants the body; a refusal is final."""
+        return True
 
     def log_message(self, format, *args):
         pass  # no access log: at hundreds of requests/s it would cost more than the work
@@ -576,14 +580,12 @@ class OrdersServer(HTTPServer):
             pass
         self.shutdown_request(request)
 
-    def verify_request(self, request, client_address):
-        """Every connection we accept passes here first: count it (shutdown_request uncounts it)."""
+    def verify_request(self, request, client_address):  # every connection we accept: count it
         with self.open_connections_lock:
             self.open_connections += 1
         return True
 
-    def shutdown_request(self, request):
-        """Close a connection we are done with, answered or shed, and uncount it."""
+    def shutdown_request(self, request):  # done with it, answered or shed: uncount it
         super().shutdown_request(request)
         with self.open_connections_lock:
             self.open_connections -= 1
@@ -948,6 +950,11 @@ def announce(urls):
             "Ctrl-C stops all three processes."
         )
     print("READY " + json.dumps(urls) + banner, flush=True)
+
+
+# Ctrl-C, SIGTERM: time to finish the requests in progress (healthy: ~50 ms) and ship the queue
+# (5 ms a shipment); short, so Ctrl-C stays prompt. gunicorn and Kubernetes give 30 s
+STOP_GRACE_S = 2.0
 
 
 def unshipped_orders():
