@@ -17,6 +17,7 @@ import asyncio
 import collections
 import errno
 import http.client
+import ipaddress
 import itertools
 import json
 import os
@@ -676,7 +677,7 @@ class Dependency:
         self.queue = asyncio.Queue()  # unbounded: a naive dependency never says no
         workers = [asyncio.ensure_future(self.work()) for _ in range(self.workers)]
         server = await asyncio.start_server(self.handle, host, port, backlog=4096)
-        announce({self.name: f"http://{host}:{server.sockets[0].getsockname()[1]}"})
+        announce({self.name: base_url(host, server.sockets[0].getsockname()[1])})
         parent = os.getppid()
         async with server:
             while os.getppid() == parent:
@@ -797,7 +798,7 @@ def exit_with_parent(parent):
     os.kill(os.getpid(), signal.SIGTERM)
 
 
-def start_child(role, host, port, seed):
+def start_child(role, host, port, seed, allow_remote):
     """Start payment or shipping as a child process; return it and the URL from its READY line."""
     proc = subprocess.Popen(
         [
@@ -812,6 +813,7 @@ def start_child(role, host, port, seed):
             "--seed",
             str(seed),
             "--child",
+            *(["--allow-remote"] if allow_remote else []),
         ],
         stdout=subprocess.PIPE,
         text=True,
@@ -828,6 +830,20 @@ def start_child(role, host, port, seed):
     except (queue.Empty, IndexError, ValueError, KeyError):
         proc.kill()
         raise SystemExit(f"{role} did not start (exit code {proc.poll()})") from None
+
+
+def base_url(host, port):
+    """http://host:port, an IPv6 address in brackets: http://[::1]:8081."""
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+def is_loopback(host):
+    """True if every address `host` names is a loopback one (a name may have several)."""
+    try:
+        found = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError):  # no such name: gaierror is an OSError
+        return False
+    return all(ipaddress.ip_address(info[4][0]).is_loopback for info in found)
 
 
 def port_number(text):
@@ -856,6 +872,11 @@ def main(argv=None):
         "--host", default=HOST, help="address to bind (default %(default)s: loopback only)"
     )
     parser.add_argument(
+        "--allow-remote",
+        action="store_true",
+        help="let --host be an address other machines reach: nothing here has authentication",
+    )
+    parser.add_argument(
         "--port",
         type=port_number,
         help=f"orders port (default {ORDERS_PORT}; payment and shipping "
@@ -876,6 +897,18 @@ def main(argv=None):
     # orders starts payment and shipping with it; not for people
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    # /chaos and /stats have no authentication: exposing them must be a decision, not a default
+    if not is_loopback(args.host) and not args.allow_remote:
+        parser.error(
+            f"--host {args.host!r} is not loopback: other machines could reach /chaos and /stats; "
+            "--allow-remote if you mean it"
+        )
+    if not is_loopback(args.host) and not args.child:
+        print(
+            f"warning: --allow-remote: whoever reaches {args.host} may place orders, and set chaos "
+            "and read ground truth on payment and shipping (/chaos, /stats)",
+            file=sys.stderr,
+        )
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM stops us like Ctrl-C
     # even if started ignoring it (a background job)
     signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -908,15 +941,19 @@ def main(argv=None):
             )
         for offset, role in ((1, "payment"), (2, "shipping")):
             if urls[role] is None and args.role == "orders":
-                urls[role] = f"http://{args.host}:{port + offset}"
+                urls[role] = base_url(args.host, port + offset)
             elif urls[role] is None:
                 child_port = 0 if port == 0 else port + offset  # 0: let the OS pick a free port
-                child, urls[role] = start_child(role, args.host, child_port, args.seed + offset)
+                child, urls[role] = start_child(
+                    role, args.host, child_port, args.seed + offset, args.allow_remote
+                )
                 children.append(child)
         DEPENDENCY_URLS.update(urls)
+        # TCPServer binds IPv4 unless told: an IPv6 address (::1) needs an IPv6 socket
+        OrdersServer.address_family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
         with OrdersServer((args.host, port), OrdersHandler) as server:
             threading.Thread(target=fulfilment_worker, daemon=True).start()
-            announce({"orders": f"http://{args.host}:{server.server_address[1]}", **urls})
+            announce({"orders": base_url(args.host, server.server_address[1]), **urls})
             threading.Thread(target=exit_with_parent, args=(os.getppid(),), daemon=True).start()
             try:
                 server.serve_forever()
