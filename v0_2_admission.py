@@ -17,6 +17,7 @@ import asyncio
 import collections
 import errno
 import http.client
+import ipaddress
 import itertools
 import json
 import os
@@ -41,10 +42,6 @@ PAYMENT_SERVICE_MS = 40  # ...40 ms each: capacity C = 4 / 0.040 = 100 charges/s
 SHIPPING_WORKERS = 4
 SHIPPING_SERVICE_MS = 5  # fast enough for one sequential fulfilment worker to keep up
 MAX_BODY_BYTES = 64 * 1024  # larger request bodies get 413
-# Ctrl-C/SIGTERM: this long to finish accepted requests and ship what is queued. A healthy request
-# takes ~50 ms and a shipment 5 ms, so 2 s is ample and Ctrl-C stays prompt; gunicorn and
-# Kubernetes give 30 s to services whose requests take seconds
-STOP_GRACE_S = 2.0
 CATALOG_CENTS = {"book": 1200, "mug": 800, "pen": 150}
 MAX_QTY = 1000
 SEED = 42  # all randomness comes from random.Random(SEED)
@@ -241,6 +238,7 @@ class OrdersHandler(BaseHTTPRequestHandler):
     server_version = "orders"
     # headers and body in one packet: no 40 ms Nagle/delayed-ACK stall
     disable_nagle_algorithm = True
+    protocol_version = "HTTP/1.1"  # as all our answers say; and only 1.1 may send 100 Continue
 
     def parse_request(self):
         """http.server's parser, plus the RFC 9112 corners it misses; a refusal is a JSON 400."""
@@ -335,6 +333,9 @@ class OrdersHandler(BaseHTTPRequestHandler):
         elif len(length) > 9 or int(length) > MAX_BODY_BYTES:
             self.error(413, "body too large", f"at most {MAX_BODY_BYTES} bytes")
         else:
+            expect = self.headers.get("Expect", "").lower()  # the client waits ~1 s for it
+            if expect == "100-continue" and self.request_version == "HTTP/1.1":
+                super().handle_expect_100()
             body = self.rfile.read(int(length))
             if len(body) == int(length):
                 return body
@@ -369,6 +370,10 @@ class OrdersHandler(BaseHTTPRequestHandler):
         self.request_version = "HTTP/1.0"  # a garbled request line leaves HTTP/0.9: no status line
         self.error(code, HTTPStatus(code).phrase, message or explain or "")
 
+    def handle_expect_100(self):
+        """Expect: 100-continue: read_body sends it once it wants the body; a refusal is final."""
+        return True
+
     def log_message(self, format, *args):
         pass  # no access log: at hundreds of requests/s it would cost more than the work
 
@@ -384,14 +389,12 @@ class OrdersServer(ThreadingHTTPServer):
     open_connections = 0  # accepted and not yet closed: a graceful stop waits for them
     open_connections_lock = threading.Lock()
 
-    def verify_request(self, request, client_address):
-        """Every connection we accept passes here first: count it (shutdown_request uncounts it)."""
+    def verify_request(self, request, client_address):  # every connection we accept: count it
         with self.open_connections_lock:
             self.open_connections += 1
         return True
 
-    def shutdown_request(self, request):
-        """Close a connection we are done with, answered or shed, and uncount it."""
+    def shutdown_request(self, request):  # done with it, answered or shed: uncount it
         super().shutdown_request(request)
         with self.open_connections_lock:
             self.open_connections -= 1
@@ -698,7 +701,7 @@ class Dependency:
         self.queue = asyncio.Queue()  # unbounded: a naive dependency never says no
         dispatcher = asyncio.ensure_future(self.dispatch())
         server = await asyncio.start_server(self.handle, host, port, backlog=4096)
-        announce({self.name: f"http://{host}:{server.sockets[0].getsockname()[1]}"})
+        announce({self.name: base_url(host, server.sockets[0].getsockname()[1])})
         parent = os.getppid()
         async with server:
             while os.getppid() == parent:
@@ -784,6 +787,11 @@ def thread_died(args):
     print(f"{args.thread.name} died: {args.exc_value!r}", file=sys.stderr)
 
 
+# Ctrl-C, SIGTERM: time to finish the requests in progress (healthy: ~50 ms) and ship the queue
+# (5 ms a shipment); short, so Ctrl-C stays prompt. gunicorn and Kubernetes give 30 s
+STOP_GRACE_S = 2.0
+
+
 def unshipped_orders():
     """Orders we acknowledged with a 201 that have not shipped (yet, or ever)."""
     return sum(1 for order in list(ORDERS.values()) if order["status"] != "shipped")
@@ -822,7 +830,7 @@ def exit_with_parent(parent):
     os.kill(os.getpid(), signal.SIGTERM)
 
 
-def start_child(role, host, port, seed):
+def start_child(role, host, port, seed, allow_remote):
     """Start payment or shipping as a child process; return it and the URL from its READY line."""
     proc = subprocess.Popen(
         [
@@ -837,6 +845,7 @@ def start_child(role, host, port, seed):
             "--seed",
             str(seed),
             "--child",
+            *(["--allow-remote"] if allow_remote else []),
         ],
         stdout=subprocess.PIPE,
         text=True,
@@ -853,6 +862,20 @@ def start_child(role, host, port, seed):
     except (queue.Empty, IndexError, ValueError, KeyError):
         proc.kill()
         raise SystemExit(f"{role} did not start (exit code {proc.poll()})") from None
+
+
+def base_url(host, port):
+    """http://host:port, an IPv6 address in brackets: http://[::1]:8081."""
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+def is_loopback(host):
+    """True if every address `host` names is a loopback one (a name may have several)."""
+    try:
+        found = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError):  # no such name: gaierror is an OSError
+        return False
+    return all(ipaddress.ip_address(info[4][0]).is_loopback for info in found)
 
 
 def port_number(text):
@@ -881,6 +904,11 @@ def main(argv=None):
         "--host", default=HOST, help="address to bind (default %(default)s: loopback only)"
     )
     parser.add_argument(
+        "--allow-remote",
+        action="store_true",
+        help="let --host be an address other machines reach: nothing here has authentication",
+    )
+    parser.add_argument(
         "--port",
         type=port_number,
         help=f"orders port (default {ORDERS_PORT}; payment and shipping "
@@ -902,6 +930,18 @@ def main(argv=None):
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     threading.excepthook = thread_died
+    # /chaos and /stats have no authentication: exposing them must be a decision, not a default
+    if not is_loopback(args.host) and not args.allow_remote:
+        parser.error(
+            f"--host {args.host!r} is not loopback: other machines could reach /chaos and /stats; "
+            "--allow-remote if you mean it"
+        )
+    if not is_loopback(args.host) and not args.child:
+        print(
+            f"warning: --allow-remote: whoever reaches {args.host} may place orders, and set chaos "
+            "and read ground truth on payment and shipping (/chaos, /stats)",
+            file=sys.stderr,
+        )
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM stops us like Ctrl-C
     # even if started ignoring it (a background job)
     signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -934,15 +974,19 @@ def main(argv=None):
             )
         for offset, role in ((1, "payment"), (2, "shipping")):
             if urls[role] is None and args.role == "orders":
-                urls[role] = f"http://{args.host}:{port + offset}"
+                urls[role] = base_url(args.host, port + offset)
             elif urls[role] is None:
                 child_port = 0 if port == 0 else port + offset  # 0: let the OS pick a free port
-                child, urls[role] = start_child(role, args.host, child_port, args.seed + offset)
+                child, urls[role] = start_child(
+                    role, args.host, child_port, args.seed + offset, args.allow_remote
+                )
                 children.append(child)
         DEPENDENCY_URLS.update(urls)
+        # TCPServer binds IPv4 unless told: an IPv6 address (::1) needs an IPv6 socket
+        OrdersServer.address_family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
         with OrdersServer((args.host, port), OrdersHandler) as server:
             threading.Thread(target=fulfilment_worker, daemon=True).start()
-            announce({"orders": f"http://{args.host}:{server.server_address[1]}", **urls})
+            announce({"orders": base_url(args.host, server.server_address[1]), **urls})
             threading.Thread(target=exit_with_parent, args=(os.getppid(),), daemon=True).start()
             try:
                 server.serve_forever()

@@ -63,7 +63,7 @@ def test_bad_key_is_400(svc):
     with socket.create_connection((parts.hostname, parts.port), timeout=10) as sock:
         sock.sendall(raw)
         answer = b"".join(iter(lambda: sock.recv(4096), b""))  # to the close: headers and body may come apart
-    assert answer.startswith(b"HTTP/1.0 400") and b"Idempotency-Key" in answer, "two keys: which one? a 400"
+    assert answer.startswith(b"HTTP/1.1 400") and b"Idempotency-Key" in answer, "two keys: which one? a 400"
 
 
 def test_whitespace_around_a_key_is_not_part_of_it(svc):
