@@ -40,13 +40,14 @@ CLIENT_TIMEOUT_S = 5.0  # a user's patience: after this the client gives up (cou
 MAX_IN_FLIGHT = 3000  # open loop, but bounded: requests over the cap are counted as "capped"
 DEFAULT_CAPACITY_RPS = 100.0  # C, when it cannot be read from payment's /stats
 SAMPLE_EVERY_S = 0.25  # ground truth and process sampling period during a run
-# a second is recovered when its p99 is under this, nothing failed, <= 10% shed
+# a second counts as recovered when nothing in it failed, <= 10% was shed and its p99 is <= this
 RECOVERED_P99_MS = 500
-# after the load, fulfilment is done when nothing has shipped for this long (1.5x v1.0's
+# After the load, the drain waits for fulfilment until every acknowledged order has shipped, nothing
+# has shipped for this long (1.5x v1.0's longest redelivery backoff), or its time is up.
 DRAIN_IDLE_S = 1.5
-#                    longest redelivery backoff), all acknowledged orders have shipped, or time is up
-# A run in which loadtest itself fell behind its schedule measured the machine, not the target: measured
-# here, a run beside other work flipped a verdict at a lag p99 of 160 ms; alone, runs lag 2-5 ms (p99).
+# A run in which loadtest itself fell behind its schedule measured the machine, not the target.
+# Measured here: a run beside other work flipped a verdict at a lag p99 of 160 ms; a run alone lags
+# 2-5 ms (p99).
 UNTRUSTED_LAG_MS = 50
 # Limits, checked before anything starts: a typo must not become a load that eats the machine.
 # offered req/s, at any phase's peak: 4x what --calibrate measures one loop can keep
@@ -163,7 +164,10 @@ async def exchange(host, port, request, deadline):
     finally:
         timer.cancel()
         if transport is not None:
-            transport.abort() if not done.done() or done.cancelled() or done.exception() else transport.close()
+            if not done.done() or done.cancelled() or done.exception():
+                transport.abort()
+            else:
+                transport.close()
 
 
 async def fetch_json(url, method="GET", body=None, timeout_s=3.0):
@@ -179,9 +183,9 @@ async def fetch_json(url, method="GET", body=None, timeout_s=3.0):
         return status, data.decode("latin-1")
 
 
-# One request as the load generator saw it: when it was meant to leave (s into the run), how late it left (s),
-# how long from its intended send to its answer (s), "post" or "get", its outcome (OUTCOMES), the HTTP status
-# (0: none) and how many attempts a retrying client made.
+# One request as the load generator saw it: when it was meant to leave (s into the run), how late
+# it left (s), how long from its intended send to its answer (s), "post" or "get", its outcome
+# (OUTCOMES), the HTTP status (0: none) and how many attempts a retrying client made.
 Record = collections.namedtuple("Record", "intended lag latency kind outcome status attempts")
 
 
@@ -191,8 +195,7 @@ class Load:
     def __init__(
         self, plan, make_request, client_timeout_s=CLIENT_TIMEOUT_S, max_in_flight=MAX_IN_FLIGHT
     ):
-        # plan: sorted list of (offset_s, kind)
-        self.plan = plan
+        self.plan = plan  # sorted list of (offset_s, kind)
         self.make_request = make_request
         self.client_timeout_s = client_timeout_s
         self.max_in_flight = max_in_flight
@@ -234,12 +237,10 @@ class Load:
         deadline = intended + self.client_timeout_s
         status = 0
         outcome = "conn"
-        attempt = 0
+        attempts = 0
         try:
-            # noqa: B007
-            for attempt, (host, port, request, on_answer, retry) in enumerate(
-                self.make_request(kind), 1
-            ):
+            for host, port, request, on_answer, retry in self.make_request(kind):
+                attempts += 1
                 try:
                     status, body = await exchange(host, port, request, deadline)
                     outcome = outcome_of(status)
@@ -255,14 +256,15 @@ class Load:
         finally:
             self.in_flight -= 1
         self.records.append(
-            Record(offset, lag, loop.time() - intended, kind, outcome, status, attempt)
+            Record(offset, lag, loop.time() - intended, kind, outcome, status, attempts)
         )
 
 
 # === SCENARIOS ===
 # Loads are multiples of the designed capacity C (payment's workers / service time). Each phase:
-# (name, seconds, seconds with --quick (0: skipped), load in C, chaos for payment, chaos for shipping, fault?).
-# Checks are (figure, operator, bound): the same for every version, never tuned per version.
+# (name, seconds, seconds with --quick (0: skipped), load in C, chaos for payment, chaos for
+# shipping, fault?). Checks are (figure, operator, bound): the same for every version, never tuned
+# per version.
 
 
 def phase(name, full_s, quick_s, load, payment=None, shipping=None, fault=False):
@@ -278,20 +280,21 @@ def phase(name, full_s, quick_s, load, payment=None, shipping=None, fault=False)
 
 
 def before(full_s, quick_s, load):
-    """Healthy, before the fault. --quick skips it (0 s) unless the fault's first second would otherwise
-    decide the figure: orders to read back, healthy calls in a breaker's window, a pool not started cold."""
+    """Healthy, before the fault. --quick skips it (0 s) unless the fault's first second would
+    otherwise decide the figure: orders to read back, healthy calls in a breaker's window, a pool
+    not started cold."""
     return phase("before", full_s, quick_s, load)
 
 
 def after(full_s, quick_s, load):
-    """Healthy again. --quick skips it (0 s) unless a check judges recovery (recovery_s: it is watched for
-    this phase only, so quick is stricter, never looser) or counts the whole run."""
+    """Healthy again. --quick skips it (0 s) unless a check judges recovery (recovery_s: it is
+    watched for this phase only, so quick is stricter, never looser) or counts the whole run."""
     return phase("after", full_s, quick_s, load)
 
 
 def ramp(steps, full_s, quick_s, load, top, quick_steps):
-    """A dependency that gets slowly worse: latency x1 -> x`top` in `steps` equal steps; --quick runs
-    the first `quick_steps` of them."""
+    """A dependency that gets slowly worse: latency x1 -> x`top` in `steps` equal steps; --quick
+    runs the first `quick_steps` of them."""
     factors = [1 + (top - 1) * (k + 1) / steps for k in range(steps)]
     return [
         phase(
@@ -364,7 +367,8 @@ SCENARIOS = {
         decisive="duplicate_charges",
     ),
     "retry-storm": scenario(
-        "0.6x capacity; payment struggles (2x slower, 80% of charges fail) briefly: do retries pile on?",
+        "0.6x capacity; payment struggles (2x slower, 80% of charges fail) briefly: "
+        "do retries pile on?",
         before(3, 1, 0.6),
         phase("brownout", 4, 2, 0.6, {"latency_factor": 2, "error_rate": 0.8}, fault=True),
         after(10, 3, 0.6),
@@ -386,7 +390,8 @@ SCENARIOS = {
         decisive="fault_post_p50_ms",
     ),
     "early-warning": scenario(
-        "0.5x capacity; payment gets slowly worse: does a metric alert fire before users see errors?",
+        "0.5x capacity; payment gets slowly worse: "
+        "does a metric alert fire before users see errors?",
         before(3, 0, 0.5),
         *ramp(8, 16, 10, 0.5, 3, quick_steps=6),
         after(4, 0, 0.5),
@@ -422,32 +427,39 @@ LADDER = {
     "v0_8": (["early-warning"], ["partial-failure"]),
     "v1_0": (["partial-failure"], []),
 }
-# Why a version without the scenario's fix fails it: the mechanism, in one line, for the story a run ends with.
+# Why a version without the scenario's fix fails it: the mechanism, in one line, for the story a
+# run ends with.
 WHY = {
-    "spike": "nothing limits what comes in, so everything past capacity waits in a queue that only grows",
+    "spike": "nothing limits what comes in, "
+    "so everything past capacity waits in a queue that only grows",
     "slow-payment": "admission counts requests, not the work they hold: slow calls pile up inside",
     "slow-shipping": "an unbounded event queue hides a fulfilment backlog until it is seconds deep",
     "hang-payment": "a call without a timeout waits forever, holding a worker, until none is left",
     "flaky-payment": "a charge retried without an idempotency key is a second charge",
-    "retry-storm": "immediate retries multiply the work on a dependency exactly when it has least to spare",
-    "payment-down": "every order still waits out its timeouts against a dependency that is gone, holding workers",
+    "retry-storm": "immediate retries multiply the work on a dependency "
+    "exactly when it has least to spare",
+    "payment-down": "every order still waits out its timeouts against a dependency that is gone, "
+    "holding workers",
     "early-warning": "nothing inside is visible: the first sign of trouble is a user's error",
-    "partial-failure": "a shipment that fails is dropped, and nothing bounds a request's time end to end",
+    "partial-failure": "a shipment that fails is dropped, "
+    "and nothing bounds a request's time end to end",
 }
 
-# The alert rules of prometheus/alerts.yml, evaluated here on each scrape of the target's /metrics (every
-# SAMPLE_EVERY_S), so the load test can say when the first one fired without running Prometheus.
+# The alert rules of prometheus/alerts.yml, evaluated here on each scrape of the target's /metrics
+# (every SAMPLE_EVERY_S), so the load test can say when the first one fired without running
+# Prometheus.
 ALERT_WINDOW_S = 2.0  # the [2s] of the rules' rate()
 ALERT_RULES = {
     "PaymentSlow": "over 10% of payment calls slower than 100 ms in the last 2 s "
     "(dependency_request_duration_seconds, le=\"0.1\")",
-    "FulfilmentStuck": "the oldest order waiting to ship has waited over 2 s (fulfilment_oldest_event_age_seconds)",
+    "FulfilmentStuck": "the oldest order waiting to ship has waited over 2 s "
+    "(fulfilment_oldest_event_age_seconds)",
     "CircuitOpen": "a dependency's circuit breaker is open (circuit_breaker_state{state=\"open\"})",
 }
 
 
 def rps_per_load(scenario, capacity_rps, rate_rps=None):
-    """Req/s for a load of 1.0: C, or with --rate R, R / the first phase's load, so that phase offers R.
+    """Req/s for a load of 1.0: C, or with --rate R, R / the first phase's load (so it offers R).
 
     The first phase is the load before any fault (in every scenario here also its lowest), so
     --rate means what vegeta's -rate means for steady and keeps a scenario's shape otherwise."""
@@ -473,7 +485,7 @@ def plan_problem(name, scenario, capacity_rps, quick, duration_s=None, rate_rps=
         math.isfinite(rps) and rps > 0 and math.isfinite(length) and length >= 0
         for _, length, rps in rates
     ):
-        # expovariate(-5) would never end
+        # a plan at a rate of nan, inf or <= 0 would never end: expovariate(-5) never passes the end
         return f"{name}: rates and lengths must be finite and > 0"
     peak = max(rps for _, _, rps in rates)
     if peak > MAX_RATE_RPS:
@@ -493,7 +505,8 @@ def plan_problem(name, scenario, capacity_rps, quick, duration_s=None, rate_rps=
 def make_plan(scenario, capacity_rps, quick, seed, duration_s=None, rate_rps=None):
     """Poisson arrivals (seeded) for every phase; returns (plan, phases with start/end/rps).
 
-    Loads are multiples of `capacity_rps`, or with `rate_rps` scaled so the first phase offers it."""
+    Loads are multiples of `capacity_rps`, or with `rate_rps` scaled so the first phase offers
+    it."""
     problem = plan_problem("this plan", scenario, capacity_rps, quick, duration_s, rate_rps)
     if problem:  # the CLI refuses these earlier; this guards every other caller
         raise ValueError(problem)
@@ -549,8 +562,8 @@ class Target:
             line = proc.stdout.readline()
             if line.startswith("READY "):
                 target.urls = json.loads(line[6:])
-                drain = threading.Thread(target=lambda: [None for _ in proc.stdout], daemon=True)
                 # keep reading: closing the pipe could kill it, a full pipe would block it
+                drain = threading.Thread(target=lambda: [None for _ in proc.stdout], daemon=True)
                 drain.start()
                 return target
             if not line:
@@ -586,7 +599,8 @@ class Target:
             os.unlink(self.log_path)
 
     def process_sample(self):
-        """Threads, resident memory (MiB) and CPU seconds so far of the orders process, where /proc tells."""
+        """Threads, resident memory (MiB) and CPU seconds so far of the orders process, where /proc
+        tells."""
         try:
             with open(f"/proc/{self.proc.pid}/status") as f:
                 fields = dict(line.split(":", 1) for line in f)
@@ -603,13 +617,13 @@ RUNNING = []  # targets to stop on any exit
 
 
 class Spawner:
-    """Starts the targets of a matrix, each cell's own; the next cell's while the current one drains, so
-    its start-up (~0.35 s: three Python processes) overlaps a wait instead of adding to the run's time."""
+    """Starts the targets of a matrix, each cell's own; the next cell's while the current one
+    drains, so its start-up (~0.35 s: three Python processes) overlaps a wait instead of adding to
+    the run's time."""
 
     def __init__(self, seed):
-        # ahead: (path, the future of its Target)
         self.seed = seed
-        self.ahead = None
+        self.ahead = None  # (path, the future of its Target)
 
     def prepare(self, path):
         if path and not self.ahead:
@@ -630,9 +644,8 @@ class Spawner:
             future, self.ahead = self.ahead[1], None
             try:
                 (await future).stop()
-            # it never started: nothing to stop, and the matrix still prints
             except (Exception, SystemExit):
-                pass
+                pass  # it never started: nothing to stop, and the matrix still prints
 
 
 def cpu_times():
@@ -646,7 +659,8 @@ def cpu_times():
 
 
 def group_alive(pgid):
-    """Is a process of this group still running? Zombies do not count: some inits never reap them."""
+    """Is a process of this group still running? Zombies do not count: some inits never reap
+    them."""
     try:
         os.killpg(pgid, 0)
     except (ProcessLookupError, PermissionError):
@@ -684,10 +698,8 @@ def find_version(name):
             None,
             f"{name!r} matches several version files ({', '.join(map(os.path.basename, matches))})",
         )
-    return None, (
-        f"no version matches {name!r}: give one of {', '.join(available_versions()) or 'none found'} "
-        "(or a file path)"
-    )
+    known = ", ".join(available_versions()) or "none found"
+    return None, f"no version matches {name!r}: give one of {known} (or a file path)"
 
 
 def resolve_target(name):
@@ -730,7 +742,8 @@ async def set_chaos(target, role, chaos, attempts=3):
 
 
 def parse_metrics(text):
-    """Prometheus text format -> {(name, frozenset of (label, value))): value}; comments and junk skipped."""
+    """Prometheus text format -> {(name, frozenset of (label, value)): value}; comments and junk
+    skipped."""
     metrics = {}
     for line in text.splitlines():
         head, _, value = line.rpartition(" ")
@@ -792,8 +805,8 @@ async def scrape_alerts(url, history):
 
 
 class Run:
-    """One scenario against one target: its plan, and everything measured while it runs (the steps below
-    fill it in: the load, the chaos, the samples, the drain; summarise() reads it)."""
+    """One scenario against one target: its plan, and everything measured while it runs (the steps
+    below fill it in: the load, the chaos, the samples, the drain; summarise() reads it)."""
 
     def __init__(
         self, target, scenario_name, capacity_rps, quick, seed, duration_s=None, rate_rps=None
@@ -811,13 +824,11 @@ class Run:
         self.load = None
         self.before = None
         self.after = None
-        # ref -> when its 201 came; ref -> when it was sent (s into the run)
-        self.acked = {}
-        self.sent = {}
-        # problems: the run did not do what the scenario says
+        self.acked = {}  # ref -> when its 201 came (s into the run)
+        self.sent = {}  # ref -> when it was sent (s into the run)
         self.samples = []
-        self.problems = []
-        # the target has /metrics; the first alert: (seconds, rule)
+        self.problems = []  # the run did not do what the scenario says
+        # "metrics": the target has /metrics; "at": the first alert, (seconds, rule)
         self.alert = {"metrics": False, "at": None}
         self.alert_history = []
 
@@ -866,7 +877,8 @@ async def run_scenario(
 
 
 def request_maker(run):
-    """What Load asks for each planned request: POST an order (with a ref and a key), or GET a placed one."""
+    """What Load asks for each planned request: POST an order (with a ref and a key), or GET a
+    placed one."""
     orders = urlsplit(run.target.urls["orders"])
     host = orders.hostname
     port = orders.port
@@ -920,15 +932,14 @@ async def drive_chaos(run):
 
 
 async def sample(run):
-    """Every SAMPLE_EVERY_S: the orders process (threads, memory, CPU), the machine's CPU, the simulators'
-    queues and shipments, and the alert rules on /metrics where there is one."""
+    """Every SAMPLE_EVERY_S: the orders process (threads, memory, CPU), the machine's CPU, the
+    simulators' queues and shipments, and the alert rules on /metrics where there is one."""
     loop = asyncio.get_running_loop()
     target = run.target
     before = run.before
     cpu_before = cpu_times()
     orders_before = (None, None)
-    try:
-        # from v0.8 on
+    try:  # /metrics exists from v0.8 on
         run.alert["metrics"] = (await fetch_json(target.urls["orders"] + "/metrics"))[0] == 200
     except (OSError, TimeoutError):
         pass
@@ -960,7 +971,7 @@ async def sample(run):
                 "held_open": pay["held_open"] if pay else None,
             }
         )
-        # in every scenario: a false alarm counts too
+        # watched in every scenario: a false alarm counts too
         if run.alert["at"] is None and run.alert["metrics"]:
             firing = await scrape_alerts(target.urls["orders"], run.alert_history)
             if firing:
@@ -986,8 +997,9 @@ def tick_reporter(run, progress):
 
 
 async def drain_fulfilment(run, progress):
-    """Give fulfilment time to ship what was acknowledged before ground truth is read: until all of it
-    has shipped, nothing more has shipped for DRAIN_IDLE_S, or 4 s (quick; else 10 s) have passed."""
+    """Give fulfilment time to ship what was acknowledged before ground truth is read: until all
+    of it has shipped, nothing more has shipped for DRAIN_IDLE_S, or 4 s (quick; else 10 s) have
+    passed."""
     loop = asyncio.get_running_loop()
     before = run.before["shipping"]
     deadline = loop.time() + (4 if run.quick else 10)
@@ -1032,8 +1044,9 @@ def make_progress(enabled):
 
 
 async def run_all(args, out):
-    """Every planned cell (version x scenario) in turn, on fresh processes; then the matrix, which is printed
-    even after Ctrl-C for what was measured, and for one --target, the three lines of its story."""
+    """Every planned cell (version x scenario) in turn, on fresh processes; then the matrix, which
+    is printed even after Ctrl-C for what was measured, and for one --target, the three lines of
+    its story."""
     runs = plan_runs(args)  # parse_args has already refused anything this would raise on
     progress = make_progress(sys.stderr.isatty())
     if args.probe:
@@ -1075,7 +1088,8 @@ async def run_all(args, out):
 
 
 async def run_cell(args, path, name, progress, out, spawner, following=None):
-    """One scenario on one version (or the --url target), printed; an untrusted run is run once more.
+    """One scenario on one version (or the --url target), printed; an untrusted run is run once
+    more.
     The version of the cell `following` this one is started while this one drains."""
     if args.url:
         urls = {"orders": args.url.rstrip("/")}
@@ -1095,7 +1109,8 @@ async def run_cell(args, path, name, progress, out, spawner, following=None):
         if not args.url:
             target = await spawner.take(path)
         try:
-            # C: --capacity, else what payment says. --rate, if given, sets the offered load instead.
+            # C: --capacity, else what payment says. --rate, if given, sets the offered load
+            # instead.
             capacity = args.capacity or capacity_of(await stats(target, "payment"))
             problem = plan_problem(
                 name, SCENARIOS[name], capacity, args.quick, args.duration, args.rate
@@ -1195,7 +1210,8 @@ def summarise(run):
             r for r in in_fault if r.kind == "post" and r.intended >= (fault_start + fault_end) / 2
         ]
         figures["fault_post_p50_ms"] = _ms(percentile([r.latency for r in second_half], 50))
-    # Reads from the fault's second half on: a breaker's first half-second of learning is not what it is for.
+    # Reads from the fault's second half on: a breaker's first half-second of learning is not what
+    # it is for.
     gets = [
         r
         for r in recs
@@ -1217,15 +1233,8 @@ def summarise(run):
     cpu = [s["cpu_pct"] for s in samples if s["cpu_pct"] is not None]
     # is capacity set by the simulators, not the CPU?
     figures["machine_cpu_p90_pct"] = percentile(cpu, 90)
-    figures["orders_cpu_p90_pct"] = percentile(
-        [
-            s["orders_cpu_pct"]
-            for s in samples
-            # 100 = one core
-            if s["orders_cpu_pct"] is not None
-        ],
-        90,
-    )
+    orders_cpu = [s["orders_cpu_pct"] for s in samples if s["orders_cpu_pct"] is not None]
+    figures["orders_cpu_p90_pct"] = percentile(orders_cpu, 90)  # 100 = one core
     figures["peak_rss_mb"] = round(max(rss), 1) if rss else None
     # "none": /metrics read and no alert (no false alarm); None: no /metrics to read
     alert_at = alert["at"]
@@ -1333,7 +1342,8 @@ def per_order(by_ref, refs):
 
 
 def ground_truth(before, after, run_id, acked, fault_refs, timeline):
-    """Duplicates, lost and orphan orders, amplification and zombie work, from the simulators' /stats."""
+    """Duplicates, lost and orphan orders, amplification and zombie work, from the simulators'
+    /stats."""
     pay = after.get("payment")
     ship = after.get("shipping")
     truth = {}
@@ -1345,8 +1355,9 @@ def ground_truth(before, after, run_id, acked, fault_refs, timeline):
         truth["payment_calls"] = pay["calls"] - before["payment"]["calls"]
         calls = {ref: n for ref, n in pay.get("calls_by_ref", {}).items() if ref.startswith(run_id)}
         work = {ref: pay.get("work_by_ref", {}).get(ref, 0) for ref in calls}
-        # Amplification is work: calls that took one of payment's worker slots (zombie work included), per
-        # order that reached payment. Cheap refusals (a 409 "in flight", a replayed answer) are calls, not work.
+        # Amplification is work: calls that took one of payment's worker slots (zombie work
+        # included), per order that reached payment. Cheap refusals (a 409 "in flight", a replayed
+        # answer) are calls, not work.
         truth["amplification"] = per_order(work, calls)
         truth["fault_amplification"] = per_order(work, fault_refs & set(calls))
         truth["calls_per_order"] = per_order(calls, calls)
@@ -1368,8 +1379,9 @@ def ground_truth(before, after, run_id, acked, fault_refs, timeline):
 
 
 def distrust(verdict, reasons, lag_ms):
-    """An overloaded instrument must not judge: a run whose own schedule lag p99 is over UNTRUSTED_LAG_MS
-    measured the machine, not the target, so it gets no verdict (run_all runs it once more)."""
+    """An overloaded instrument must not judge: a run whose own schedule lag p99 is over
+    UNTRUSTED_LAG_MS measured the machine, not the target, so it gets no verdict (run_all runs it
+    once more)."""
     if lag_ms is None or lag_ms <= UNTRUSTED_LAG_MS:
         return verdict, reasons
     return "untrusted", [
@@ -1423,9 +1435,8 @@ def print_run(result, out=sys.stdout):
     lat = result["latency_ms"]
     mark = result["verdict"].upper()  # PASS, FAIL or UNTRUSTED
     w = out.write
-    w(
-        f"\n== {result['target']} · {result['scenario']} · {SCENARIOS[result['scenario']]['about']}\n"
-    )
+    about = SCENARIOS[result["scenario"]]["about"]
+    w(f"\n== {result['target']} · {result['scenario']} · {about}\n")
     w(
         f"   offered {fmt(f['offered_rps'])} req/s · goodput {fmt(f['goodput_rps'])} req/s · "
         f"capacity C = {fmt(f['capacity_rps'])} req/s\n"
@@ -1443,54 +1454,61 @@ def print_run(result, out=sys.stdout):
     g = result["ground_truth"]
     if g:
         w(
-            f"   ground truth   duplicate charges {fmt(g.get('duplicate_charges'))} · orphan charges "
-            f"{fmt(g.get('orphan_charges'))} · duplicate orders {fmt(g.get('duplicate_orders'))} · lost orders "
-            f"{fmt(g.get('lost_orders'))} · zombie work {fmt(g.get('zombie_work'))} · held open after "
-            f"{fmt(g.get('held_open_after'))}\n"
-            f"   payment work per order (amplification) {fmt(g.get('amplification'))}x, in the fault window "
-            f"{fmt(g.get('fault_amplification'))}x · calls per order (409s too) {fmt(g.get('calls_per_order'))}\n"
+            f"   ground truth   duplicate charges {fmt(g.get('duplicate_charges'))}"
+            f" · orphan charges {fmt(g.get('orphan_charges'))}"
+            f" · duplicate orders {fmt(g.get('duplicate_orders'))}"
+            f" · lost orders {fmt(g.get('lost_orders'))}"
+            f" · zombie work {fmt(g.get('zombie_work'))}"
+            f" · held open after {fmt(g.get('held_open_after'))}\n"
+            f"   payment work per order (amplification) {fmt(g.get('amplification'))}x"
+            f", in the fault window {fmt(g.get('fault_amplification'))}x"
+            f" · calls per order (409s too) {fmt(g.get('calls_per_order'))}\n"
         )
     else:
         w("   ground truth   n/a (no simulator URLs: attach mode)\n")
+    recovery = fmt(result["recovery_s"], " s") if result["recovery_s"] is not None else "n/a"
     w(
-        f"   recovery {fmt(result['recovery_s'], ' s') if result['recovery_s'] is not None else 'n/a'} · "
-        f"peak threads {fmt(f['peak_threads'])} · peak RSS {fmt(f['peak_rss_mb'], ' MiB')} · machine CPU p90 "
-        f"{fmt(f['machine_cpu_p90_pct'], ' %')} (orders p90 {fmt(f['orders_cpu_p90_pct'], ' % of a core')}) · "
-        f"schedule lag p99 {fmt(f['schedule_lag_p99_ms'], ' ms')}\n"
+        f"   recovery {recovery}"
+        f" · peak threads {fmt(f['peak_threads'])}"
+        f" · peak RSS {fmt(f['peak_rss_mb'], ' MiB')}"
+        f" · machine CPU p90 {fmt(f['machine_cpu_p90_pct'], ' %')}"
+        f" (orders p90 {fmt(f['orders_cpu_p90_pct'], ' % of a core')})"
+        f" · schedule lag p99 {fmt(f['schedule_lag_p99_ms'], ' ms')}\n"
     )
     if f.get("first_alert") or "alert_lead_s" in f:  # only a target with /metrics can raise one
-        w(
-            f"   first alert {f.get('first_alert') or 'none (no /metrics)'}"
-            + (
+        lead = ""
+        if f.get("alert_lead_s") is not None:
+            lead = (
                 f" · warning lead {fmt(f['alert_lead_s'], ' s')} before the first error a user saw"
-                if f.get("alert_lead_s") is not None
-                else ""
             )
-            + "\n"
-        )
+        w(f"   first alert {f.get('first_alert') or 'none (no /metrics)'}{lead}\n")
     print_timeline(result["timeline"], out)
     w(f"   {mark}: " + "; ".join(result["reasons"]) + "\n")
 
 
 def print_timeline(timeline, out):
-    """One row per second; '#' marks seconds inside the fault window; cpu % is the whole machine's."""
+    """One row per second; '#' marks seconds inside the fault window; cpu % is the whole
+    machine's."""
     w = out.write
     # p99 when over 1% of users gave up: n/a would hide it
     gave_up = f">{CLIENT_TIMEOUT_S * 1000:,.0f}"
     w(
-        "    t s     offered    ok  shed  errors    p99 ms  threads  pay.queue  backlog  lag s  cpu %\n"
+        "    t s     offered    ok  shed  errors    p99 ms"
+        "  threads  pay.queue  backlog  lag s  cpu %\n"
     )
     for b in timeline:
         p99 = gave_up if b["timeouts"] > 0.01 * b["offered"] else fmt(b["p99_ms"])
         w(
-            f"   {b['t']:3d} {'#' if b['fault'] else ' '} {b['offered']:9d} {b['ok']:5d} {b['shed']:5d} {b['errors']:7d}"
-            f" {p99:>9} {fmt(b['threads']):>8} {fmt(b['payment_queue']):>10} {fmt(b['backlog']):>8}"
+            f"   {b['t']:3d} {'#' if b['fault'] else ' '} {b['offered']:9d} {b['ok']:5d}"
+            f" {b['shed']:5d} {b['errors']:7d} {p99:>9} {fmt(b['threads']):>8}"
+            f" {fmt(b['payment_queue']):>10} {fmt(b['backlog']):>8}"
             f" {fmt(b['lag_s']):>6} {fmt(b['cpu_pct']):>6}\n"
         )
 
 
 def print_matrix(results, out=sys.stdout):
-    """Scenarios x versions: pass/fail with the decisive figure (named once, beside the scenario), and a legend."""
+    """Scenarios x versions: pass/fail with the decisive figure (named once, beside the scenario),
+    and a legend."""
     targets = list(dict.fromkeys(r["target"] for r in results))
     scenarios = list(dict.fromkeys(r["scenario"] for r in results))
     decisive = {r["scenario"]: r["decisive"] for r in results}
@@ -1516,13 +1534,14 @@ def print_matrix(results, out=sys.stdout):
             + "\n"
         )
     out.write(
-        "   ✓ pass  ✗ fail  ? untrusted (the machine was too busy to measure)  ·  the same checks for every "
-        "version: python loadtest.py --list\n"
+        "   ✓ pass  ✗ fail  ? untrusted (the machine was too busy to measure)"
+        "  ·  the same checks for every version: python loadtest.py --list\n"
     )
 
 
 def print_story(results, out=sys.stdout):
-    """Three lines that end a version's run: what you saw, why, and what to do next (the course's next step)."""
+    """Three lines that end a version's run: what you saw, why, and what to do next (the course's
+    next step)."""
     name = results[0]["target"]
     fixes, breaks = LADDER.get(name, ([], []))
     shown = next((r for s in breaks + fixes for r in results if r["scenario"] == s), None)
@@ -1536,27 +1555,31 @@ def print_story(results, out=sys.stdout):
         if shown["verdict"] == "pass"
         else "could not judge"
     )
-    out.write(
-        f"\nWhat you saw: {name} {seen} {shown['scenario']} ({figure} {fmt(shown['figures'].get(figure))}).\n"
-    )
+    value = fmt(shown["figures"].get(figure))
+    out.write(f"\nWhat you saw: {name} {seen} {shown['scenario']} ({figure} {value}).\n")
     if shown["scenario"] in breaks:
         out.write(f"Why: {WHY[shown['scenario']]}.\n")
     else:
         out.write(
-            f"Why: {name} is the step that fixes it; `diff -u` it against its predecessor to see how.\n"
+            f"Why: {name} is the step that fixes it; "
+            "`diff -u` it against its predecessor to see how.\n"
         )
     files = {version_name(p): os.path.basename(p) for p in version_files()}
     later = [v for v in files if v > name]
     if later:
         out.write(
-            f"Next: diff -u {files[name]} {files[later[0]]}   then   python loadtest.py --target {later[0]}\n"
+            f"Next: diff -u {files[name]} {files[later[0]]}"
+            f"   then   python loadtest.py --target {later[0]}\n"
         )
     else:
         out.write(
-            "Next: python loadtest.py --compare all --quick --report course.html   (the whole course)\n"
+            "Next: python loadtest.py --compare all --quick --report course.html"
+            "   (the whole course)\n"
         )
 
 
+# Okabe and Ito's palette (its yellow swapped for Tol's wine, readable on white): told apart with
+# every common form of colour blindness; the last version is drawn in black.
 PALETTE = [
     "#0072B2",
     "#E69F00",
@@ -1568,8 +1591,6 @@ PALETTE = [
     "#882255",
     "#000000",
 ]
-# Okabe and Ito's palette (its yellow swapped for Tol's wine, readable on white): told apart with every common
-# form of colour blindness; the last version drawn in black
 
 
 def nice_ceiling(value):
@@ -1579,8 +1600,8 @@ def nice_ceiling(value):
 
 
 def svg_chart(lines, fault, title, unit, width=720, height=230):
-    """One line chart: seconds into the run across, `unit` up, one line per (label, colour, [(t, value)]),
-    the fault window (start, end) shaded, a legend; plain SVG, no script."""
+    """One line chart: seconds into the run across, `unit` up, one line per (label, colour,
+    [(t, value)]), the fault window (start, end) shaded, a legend; plain SVG, no script."""
     left = 58
     right = 14
     top_pad = 40
@@ -1593,7 +1614,8 @@ def svg_chart(lines, fault, title, unit, width=720, height=230):
     y = lambda v: top_pad + (height - top_pad - bottom) * (1 - v / top)  # noqa: E731
     out = [
         f'<svg width="{width}" height="{height}" viewBox="0 0 {width} {height}" role="img" '
-        f'aria-label="{html.escape(title)}"><text x="{left}" y="14" class="title">{html.escape(title)}</text>'
+        f'aria-label="{html.escape(title)}">'
+        f'<text x="{left}" y="14" class="title">{html.escape(title)}</text>'
     ]
     if fault:
         out.append(
@@ -1604,19 +1626,24 @@ def svg_chart(lines, fault, title, unit, width=720, height=230):
     for k in range(5):  # value gridlines and ticks
         v = top * k / 4
         out.append(
-            f'<line x1="{left}" x2="{width - right}" y1="{y(v):.1f}" y2="{y(v):.1f}" stroke="#e3e3e3"/>'
-            f'<text x="{left - 6}" y="{y(v) + 4:.1f}" class="tick" text-anchor="end">{v:,.4g}</text>'
+            f'<line x1="{left}" x2="{width - right}" y1="{y(v):.1f}" y2="{y(v):.1f}" '
+            'stroke="#e3e3e3"/>'
+            f'<text x="{left - 6}" y="{y(v) + 4:.1f}" class="tick" text-anchor="end">'
+            f"{v:,.4g}</text>"
         )
     step = next((step for step in (1, 2, 5, 10) if t_end <= 10 * step), 10 * math.ceil(t_end / 100))
     for t in range(0, int(t_end) + 1, step):  # time ticks: about ten, whatever the run's length
         out.append(
-            f'<text x="{x(t):.1f}" y="{height - bottom + 15}" class="tick" text-anchor="middle">{t}</text>'
+            f'<text x="{x(t):.1f}" y="{height - bottom + 15}" class="tick" '
+            f'text-anchor="middle">{t}</text>'
         )
+    middle = (top_pad + height - bottom) / 2
     out.append(
-        f'<text x="{(left + width - right) / 2:.0f}" y="{height - 6}" class="axis" text-anchor="middle">'
-        f'seconds into the run</text><text x="12" y="{(top_pad + height - bottom) / 2:.0f}" class="axis" '
-        f'text-anchor="middle" transform="rotate(-90 12 {(top_pad + height - bottom) / 2:.0f})">'
-        f'{html.escape(unit)}</text>'
+        f'<text x="{(left + width - right) / 2:.0f}" y="{height - 6}" class="axis" '
+        'text-anchor="middle">seconds into the run</text>'
+        f'<text x="12" y="{middle:.0f}" class="axis" '
+        f'text-anchor="middle" transform="rotate(-90 12 {middle:.0f})">'
+        f"{html.escape(unit)}</text>"
     )
     for i, (label, colour, points) in enumerate(lines):
         path = " ".join(f"{x(t):.1f},{y(v):.1f}" for t, v in points if v is not None)
@@ -1629,8 +1656,9 @@ def svg_chart(lines, fault, title, unit, width=720, height=230):
 
 
 def write_report(results, path):
-    """One self-contained HTML file: the matrix, then per scenario p99 and goodput over time, one line per
-    version, and each run's verdict with its reasons. Inline SVG and CSS, no script, nothing fetched."""
+    """One self-contained HTML file: the matrix, then per scenario p99 and goodput over time, one
+    line per version, and each run's verdict with its reasons. Inline SVG and CSS, no script,
+    nothing fetched."""
     targets = list(dict.fromkeys(r["target"] for r in results))
     scenarios = list(dict.fromkeys(r["scenario"] for r in results))
     colour = {t: PALETTE[i % len(PALETTE)] for i, t in enumerate(targets)}
@@ -1646,7 +1674,8 @@ def write_report(results, path):
             cells.append(f'<td class="{r["verdict"] if r else ""}">{mark}{figure}</td>')
         decisive = next(r["decisive"] for r in results if r["scenario"] == s)
         rows.append(
-            f"<tr><th>{html.escape(s)} <small>{html.escape(decisive)}</small></th>{''.join(cells)}</tr>"
+            f"<tr><th>{html.escape(s)} <small>{html.escape(decisive)}</small></th>"
+            f"{''.join(cells)}</tr>"
         )
     sections = []
     for s in scenarios:
@@ -1681,17 +1710,24 @@ def write_report(results, path):
     page = (
         "<!doctype html><meta charset='utf-8'><meta name='viewport' content='width=device-width'>"
         "<title>Failure-first playground: load test report</title><style>"
-        "body{font:15px/1.45 system-ui,sans-serif;margin:2em auto;max-width:60em;padding:0 1em;color:#222}"
+        "body{font:15px/1.45 system-ui,sans-serif;margin:2em auto;max-width:60em;padding:0 1em;"
+        "color:#222}"
         "table{border-collapse:collapse;margin:1em 0;font-size:14px} "
         "th,td{padding:.25em .5em;border:1px solid #ddd;"
-        "text-align:left;font-variant-numeric:tabular-nums;white-space:nowrap} td.pass{background:#e6f4ea}"
-        "td.fail{background:#fde8e8} td.untrusted{background:#fff4d6} svg{display:block;margin:.6em 0}"
-        "svg .title{font:600 13px system-ui,sans-serif} svg .tick{font:11px system-ui,sans-serif;fill:#444}"
-        "svg .axis{font:12px system-ui,sans-serif;fill:#444} .pass{color:#1e7b34} .fail{color:#b3261e}"
-        ".untrusted{color:#8a5a00} section{margin-top:2.2em} summary{cursor:pointer;margin:.2em 0}</style>"
+        "text-align:left;font-variant-numeric:tabular-nums;white-space:nowrap} "
+        "td.pass{background:#e6f4ea}"
+        "td.fail{background:#fde8e8} td.untrusted{background:#fff4d6} "
+        "svg{display:block;margin:.6em 0}"
+        "svg .title{font:600 13px system-ui,sans-serif} "
+        "svg .tick{font:11px system-ui,sans-serif;fill:#444}"
+        "svg .axis{font:12px system-ui,sans-serif;fill:#444} .pass{color:#1e7b34} "
+        ".fail{color:#b3261e}"
+        ".untrusted{color:#8a5a00} section{margin-top:2.2em} "
+        "summary{cursor:pointer;margin:.2em 0}</style>"
         "<h1>Failure-first playground: load test report</h1>"
-        "<p>✓ pass, ✗ fail, ? untrusted (the machine was too busy to measure), with each scenario's decisive "
-        "figure. The fault window is shaded red; latency is measured from each request's intended send "
+        "<p>✓ pass, ✗ fail, ? untrusted (the machine was too busy to measure), "
+        "with each scenario's decisive figure. "
+        "The fault window is shaded red; latency is measured from each request's intended send "
         "time.</p>"
         f"<table><tr><th>scenario</th>{head}</tr>{''.join(rows)}</table>" + "".join(sections)
     )
@@ -1708,10 +1744,8 @@ async def responder(kind, host, port):
     loop = asyncio.get_running_loop()
     body = b'{"status": "ok"}'
     answer = (
-        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nConnection: close\r\nContent-Length: "
-        + str(len(body)).encode()
-        + b"\r\n\r\n"
-        + body
+        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nConnection: close\r\n"
+        b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
     )
     t0 = loop.time()
 
@@ -1761,7 +1795,8 @@ def spawn_responder(kind):
 
 
 async def constant_load(url, rate, seconds):
-    """Constant-rate open loop against a responder: achieved share, lag p99, CPU/request, latencies."""
+    """Constant-rate open loop against a responder: achieved share, lag p99, CPU per request,
+    latencies."""
     parts = urlsplit(url)
     request = build_request("GET", parts.hostname, parts.port, "/")
     n = int(rate * seconds)
@@ -1789,7 +1824,8 @@ async def constant_load(url, rate, seconds):
 
 
 async def calibrate(quick, out):
-    """Measure the instrument: max sustainable rate, scheduler lag, and the coordinated-omission test."""
+    """Measure the instrument: max sustainable rate, scheduler lag, and the coordinated-omission
+    test."""
     results = {"trivial": [], "stall": None}
     trivial = spawn_responder("trivial")
     try:
@@ -1797,14 +1833,16 @@ async def calibrate(quick, out):
             "Calibrating against a trivial responder (its own process), constant-rate open loop:\n"
         )
         out.write(
-            "    rate/s   sent    ok %   within 2 ms of schedule %   lag p99 ms   CPU µs/req   p99 ms\n"
+            "    rate/s   sent    ok %   within 2 ms of schedule %"
+            "   lag p99 ms   CPU µs/req   p99 ms\n"
         )
         for rate in (500, 1000, 2000, 3000, 4000, 5000):
             r = await constant_load(trivial.urls["orders"], rate, 2.0 if quick else 4.0)
             results["trivial"].append(r)
             out.write(
                 f"   {rate:7d} {r['sent']:6d} {r['ok_pct']:7.1f} {r['on_time_pct']:24.1f} "
-                f"{fmt(r['lag_p99_ms']):>14} {r['cpu_us_per_request']:12d} {fmt(r['latency_ms']['p99']):>8}\n"
+                f"{fmt(r['lag_p99_ms']):>14} {r['cpu_us_per_request']:12d}"
+                f" {fmt(r['latency_ms']['p99']):>8}\n"
             )
             out.flush()
             if r["ok_pct"] < 99 or (r["lag_p99_ms"] or 0) > 2:
@@ -1814,7 +1852,8 @@ async def calibrate(quick, out):
     good = [r for r in results["trivial"] if r["ok_pct"] >= 99 and (r["lag_p99_ms"] or 0) <= 2]
     results["max_sustainable_rps"] = max((r["rate"] for r in good), default=0)
     out.write(
-        f"   -> sustains {results['max_sustainable_rps']} req/s with >= 99% of its schedule, lag p99 <= 2 ms\n"
+        f"   -> sustains {results['max_sustainable_rps']} req/s"
+        " with >= 99% of its schedule, lag p99 <= 2 ms\n"
     )
     stall = spawn_responder("stall")
     try:
@@ -1861,7 +1900,8 @@ async def probe(target, capacity_rps, quick, out, rate_rps=None):
     results["shipping"] = latency_summary(latencies)
     out.write(f"Healthy latency of {target.name}'s dependencies, called directly (ms):\n")
     out.write(
-        f"   payment  POST /charge  open loop at {fmt(phases[0]['rps'])} req/s ({len(load.records)} calls)   "
+        f"   payment  POST /charge  open loop at {fmt(phases[0]['rps'])} req/s"
+        f" ({len(load.records)} calls)   "
         + "  ".join(f"{k} {fmt(v)}" for k, v in results["payment"].items())
         + "\n"
     )
@@ -1886,13 +1926,15 @@ def check_loopback(url, allow_remote):
         loopback = False
     if not loopback and not allow_remote:
         raise SystemExit(
-            f"refusing to load {host!r}: not a loopback address (pass --allow-remote if you mean it)"
+            f"refusing to load {host!r}: not a loopback address "
+            "(pass --allow-remote if you mean it)"
         )
 
 
 def url_problem(url):
     """Why `url` cannot be a target URL (one sentence), or None. Only plain http: the engine speaks
-    HTTP/1.1 over TCP itself, and an unparsable URL used to surface as a misleading loopback refusal."""
+    HTTP/1.1 over TCP itself, and an unparsable URL used to surface as a misleading loopback
+    refusal."""
     try:
         parts = urlsplit(url)
         port = parts.port  # raises for a port out of range or not a number
@@ -1911,7 +1953,8 @@ def url_problem(url):
 
 
 def with_port(url):
-    """The URL with its port spelled out (80 by default): the engine connects to urlsplit(url).port."""
+    """The URL with its port spelled out (80 by default): the engine connects to
+    urlsplit(url).port."""
     parts = urlsplit(url)
     if parts.port is not None:
         return url
@@ -1945,7 +1988,8 @@ def output_problem(flag, path):
 
 
 def plan_runs(args):
-    """What to run: [(version file, or None with --url, [scenario names])]. ValueError says what is wrong."""
+    """What to run: [(version file, or None with --url, [scenario names])]. ValueError says what is
+    wrong."""
     if args.url:
         paths = [None]
     else:
@@ -2008,7 +2052,8 @@ def raise_open_files_limit(wanted=OPEN_FILES_WANTED):
 
 
 class OneLineParser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line (what is wrong), not the whole usage block above it."""
+    """argparse, but a usage error is one line (what is wrong), not the whole usage block above
+    it."""
 
     def error(self, message):
         self.exit(
@@ -2017,8 +2062,10 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 LIMITS_HELP = (
-    f"limits, refused before anything starts (exit code 2): --rate <= {MAX_RATE_RPS:,} req/s, also at\n"
-    f"any phase's peak; --capacity <= {MAX_CAPACITY_RPS:,} req/s; --duration <= {MAX_DURATION_S} s; "
+    "limits, refused before anything starts (exit code 2): "
+    f"--rate <= {MAX_RATE_RPS:,} req/s, also at\n"
+    f"any phase's peak; --capacity <= {MAX_CAPACITY_RPS:,} req/s; "
+    f"--duration <= {MAX_DURATION_S} s; "
     f"<= {MAX_PLANNED_REQUESTS:,} planned requests\nper run; all finite and > 0. A bad --url, "
     "--target, --scenario or --json/--report path too."
 )
@@ -2027,7 +2074,8 @@ LIMITS_HELP = (
 def parse_args(argv):
     versions = ", ".join(available_versions()) or "none found"
     parser = OneLineParser(
-        description="The failure-first playground's load tester: same scenarios, same pass criteria, every version.",
+        description="The failure-first playground's load tester: "
+        "same scenarios, same pass criteria, every version.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=f"versions here: {versions}\nscenarios: {', '.join(SCENARIOS)}\n{LIMITS_HELP}\n\n"
         + __doc__.split("\n\n")[-1],
@@ -2157,7 +2205,8 @@ def refuse_bad_args(parser, args):
 
 def print_list(out):
     out.write(
-        "Scenarios (loads in multiples of capacity C; phases: full length/with --quick, '-' skipped):\n"
+        "Scenarios (loads in multiples of capacity C; "
+        "phases: full length/with --quick, '-' skipped):\n"
     )
     for name, sc in SCENARIOS.items():
         out.write(f"\n  {name}: {sc['about']}\n    phases: ")
@@ -2180,7 +2229,7 @@ def print_list(out):
 def main(argv=None):
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM cleans up like Ctrl-C
-    # even if started ignoring it (a background job)
+    # Ctrl-C is Ctrl-C even when started ignoring SIGINT (a background job of a script)
     signal.signal(signal.SIGINT, signal.default_int_handler)
     note = raise_open_files_limit()
     if note and not (args.responder or args.list):  # said once, by the process that drives the load
