@@ -187,6 +187,16 @@ async def fetch_json(url, method="GET", body=None, timeout_s=3.0):
 # it left (s), how long from its intended send to its answer (s), "post" or "get", its outcome
 # (OUTCOMES), the HTTP status (0: none) and how many attempts a retrying client made.
 Record = collections.namedtuple("Record", "intended lag latency kind outcome status attempts")
+# What a client sends for one planned request: the kind it really is ("post" or "get": a GET
+# planned before any order exists has nothing to read, and is sent as a POST) and its attempts.
+Request = collections.namedtuple("Request", "kind attempts")
+# One attempt: where it goes, the HTTP request's bytes, on_answer(status, body) for an answer, and
+# whether a client that got no good answer tries again.
+Attempt = collections.namedtuple("Attempt", "host port message on_answer retry")
+
+
+def ignore_answer(status, body):
+    """on_answer of a request whose answer is only counted (its outcome), never read."""
 
 
 class Load:
@@ -229,7 +239,7 @@ class Load:
         if tasks:
             await asyncio.gather(*tasks)
 
-    async def fire(self, offset, kind):
+    async def fire(self, offset, planned_kind):
         """One logical request, maybe several attempts (clients that retry), timed from intent."""
         loop = asyncio.get_running_loop()
         intended = self.t0 + offset
@@ -239,24 +249,27 @@ class Load:
         outcome = "conn"
         attempts = 0
         try:
-            for host, port, request, on_answer, retry in self.make_request(kind):
+            request = self.make_request(planned_kind)
+            for attempt in request.attempts:
                 attempts += 1
                 try:
-                    status, body = await exchange(host, port, request, deadline)
+                    status, body = await exchange(
+                        attempt.host, attempt.port, attempt.message, deadline
+                    )
                     outcome = outcome_of(status)
-                    on_answer(status, body)
+                    attempt.on_answer(status, body)
                 except TimeoutError:
                     status = 0
                     outcome = "timeout"
                 except OSError:
                     status = 0
                     outcome = "conn"
-                if outcome in ("ok", "4xx") or not retry or loop.time() >= deadline:
+                if outcome in ("ok", "4xx") or not attempt.retry or loop.time() >= deadline:
                     break
         finally:
             self.in_flight -= 1
         self.records.append(
-            Record(offset, lag, loop.time() - intended, kind, outcome, status, attempts)
+            Record(offset, lag, loop.time() - intended, request.kind, outcome, status, attempts)
         )
 
 
@@ -890,8 +903,8 @@ def request_maker(run):
 
     def make_request(kind):
         if kind == "get" and ids:
-            request = build_request("GET", host, port, f"/orders/{rng.choice(ids)}")
-            return [(host, port, request, lambda s, b: None, False)]
+            message = build_request("GET", host, port, f"/orders/{rng.choice(ids)}")
+            return Request("get", [Attempt(host, port, message, ignore_answer, False)])
         ref = f"{run.run_id}-{next(refs)}"
         run.sent[ref] = loop.time() - run.load.t0
         body = {
@@ -900,7 +913,7 @@ def request_maker(run):
             "customer": "load",
             "ref": ref,
         }
-        request = build_request("POST", host, port, "/orders", body, {"Idempotency-Key": ref})
+        message = build_request("POST", host, port, "/orders", body, {"Idempotency-Key": ref})
 
         def on_answer(status, data):
             if status == 201:
@@ -911,7 +924,7 @@ def request_maker(run):
                     except (ValueError, KeyError, TypeError):
                         pass
 
-        return [(host, port, request, on_answer, True)] * (1 + retries)
+        return Request("post", [Attempt(host, port, message, on_answer, True)] * (1 + retries))
 
     return make_request
 
@@ -1801,9 +1814,8 @@ async def constant_load(url, rate, seconds):
     request = build_request("GET", parts.hostname, parts.port, "/")
     n = int(rate * seconds)
     plan = [(i / rate, "get") for i in range(n)]
-    load = Load(
-        plan, lambda kind: [(parts.hostname, parts.port, request, lambda s, b: None, False)]
-    )
+    attempt = Attempt(parts.hostname, parts.port, request, ignore_answer, False)
+    load = Load(plan, lambda kind: Request(kind, [attempt]))
     cpu0 = time.process_time()
     wall0 = time.monotonic()
     await load.run()
@@ -1886,7 +1898,9 @@ async def probe(target, capacity_rps, quick, out, rate_rps=None):
         body = {"order_id": "probe", "amount": 1, "ref": f"probe-{next(refs)}"}
         return url.hostname, url.port, build_request("POST", url.hostname, url.port, path, body)
 
-    load = Load(plan, lambda kind: [(*call(pay, "/charge"), lambda status, data: None, False)])
+    load = Load(
+        plan, lambda kind: Request(kind, [Attempt(*call(pay, "/charge"), ignore_answer, False)])
+    )
     await load.run()
     results["payment"] = latency_summary([r.latency for r in load.records if r.outcome == "ok"])
     loop = asyncio.get_running_loop()

@@ -262,7 +262,8 @@ def requester(port, attempts=1, retry=False, answers=None):
         if answers is not None:
             answers.append((status, body))
 
-    return lambda kind: [("127.0.0.1", port, request, on_answer, retry)] * attempts
+    return lambda kind: loadtest.Request(kind, [loadtest.Attempt("127.0.0.1", port, request, on_answer, retry)]
+                                         * attempts)
 
 
 def constant_plan(rate, seconds, kind="post"):

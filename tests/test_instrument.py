@@ -728,7 +728,8 @@ def test_trivial_responder_answers_an_open_loop():
         request = loadtest.build_request("GET", host, int(port), "/")
 
         async def main():
-            load = loadtest.Load(plan, lambda kind: [(host, int(port), request, lambda s, b: None, False)])
+            attempt = loadtest.Attempt(host, int(port), request, loadtest.ignore_answer, False)
+            load = loadtest.Load(plan, lambda kind: loadtest.Request(kind, [attempt]))
             await load.run()
             return load
 
