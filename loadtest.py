@@ -25,6 +25,7 @@ import json
 import math
 import os
 import random
+import re
 import select
 import signal
 import subprocess
@@ -691,10 +692,20 @@ def group_alive(pgid):
     return False
 
 
+VERSION_FILE = re.compile(r"v(\d+)_(\d+)_\w+\.py")  # v0_3_backpressure.py, v1_10_sharded.py
+
+
 def version_name(path):
-    """'./v0_3_backpressure.py' -> 'v0_3'."""
+    """'./v0_3_backpressure.py' -> 'v0_3', 'v1_10_x.py' -> 'v1_10'; any other file: its name."""
     base = os.path.basename(path)
-    return base[:4] if base[:2] == "v0" or base[:2] == "v1" else base.rsplit(".", 1)[0]
+    match = VERSION_FILE.fullmatch(base)
+    return f"v{match[1]}_{match[2]}" if match else base.rsplit(".", 1)[0]
+
+
+def version_number(path):
+    """(major, minor) of a version file, for ordering: v1_2 comes before v1_10."""
+    match = VERSION_FILE.fullmatch(os.path.basename(path))
+    return (int(match[1]), int(match[2]))
 
 
 def find_version(name):
@@ -724,7 +735,11 @@ def resolve_target(name):
 
 
 def version_files():
-    return sorted(glob.glob(os.path.join(HERE, "v[01]_[0-9]_*.py")))
+    """The version files beside loadtest.py, in version order."""
+    paths = glob.glob(os.path.join(HERE, "v*_*_*.py"))
+    return sorted(
+        (p for p in paths if VERSION_FILE.fullmatch(os.path.basename(p))), key=version_number
+    )
 
 
 def available_versions():
@@ -1578,7 +1593,8 @@ def print_story(results, out=sys.stdout):
             "`diff -u` it against its predecessor to see how.\n"
         )
     files = {version_name(p): os.path.basename(p) for p in version_files()}
-    later = [v for v in files if v > name]
+    names = list(files)
+    later = names[names.index(name) + 1 :] if name in names else []
     if later:
         out.write(
             f"Next: diff -u {files[name]} {files[later[0]]}"

@@ -1,5 +1,7 @@
 """Defects found in loadtest.py, each pinned by the test that failed before its fix."""
 import asyncio
+import io
+import os
 
 from conftest import serve
 
@@ -27,3 +29,23 @@ def test_a_get_planned_before_any_order_is_recorded_as_the_post_it_was_sent_as()
     assert [h.split()[0] for h in heard] == ["POST", "POST", "GET"], heard
     assert heard[2] == "GET /orders/o-1 HTTP/1.1"
     assert [r.kind for r in records] == ["post", "post", "get"], records
+
+
+def test_a_version_name_keeps_every_digit(tmp_path, monkeypatch):
+    """v1_10 is not v1_1: the name is read up to the second underscore, not as four characters, and
+    versions are ordered by number, so the story's next step after v1_2 is v1_10."""
+    assert loadtest.version_name("./v0_3_backpressure.py") == "v0_3"
+    assert loadtest.version_name("v1_10_sharded.py") == "v1_10"
+    assert loadtest.version_name("/x/fake_version.py") == "fake_version"
+    for name in ("v0_9_a.py", "v1_10_c.py", "v1_2_b.py"):
+        (tmp_path / name).write_text("")
+    monkeypatch.setattr(loadtest, "HERE", str(tmp_path))
+    assert loadtest.available_versions() == ["v0_9", "v1_2", "v1_10"]
+    path, why = loadtest.find_version("v1_10")
+    assert why is None and os.path.basename(path) == "v1_10_c.py"
+    assert loadtest.find_version("v1_1")[0] is None
+    monkeypatch.setitem(loadtest.LADDER, "v1_2", (["steady"], []))
+    out = io.StringIO()
+    loadtest.print_story([{"target": "v1_2", "scenario": "steady", "verdict": "pass", "decisive": "p99_ms",
+                           "figures": {"p99_ms": 50.0}}], out)
+    assert "diff -u v1_2_b.py v1_10_c.py" in out.getvalue(), out.getvalue()
