@@ -18,6 +18,7 @@ requests that were waiting to be sent (coordinated omission, Gil Tene). Pure sta
 import argparse
 import asyncio
 import collections
+import contextlib
 import glob
 import html
 import ipaddress
@@ -603,14 +604,21 @@ class Target:
             self.proc.wait()
         self._forget()
 
+    async def stop_in_thread(self):
+        """stop() for a coroutine: the wait for the group to exit (up to ~10 s) blocks a worker
+        thread, not the event loop."""
+        await asyncio.get_running_loop().run_in_executor(None, self.stop)
+
     def group_alive(self):
         return group_alive(self.proc.pid)
 
     def _forget(self):
-        if self in RUNNING:
+        """No longer ours to stop. Twice is harmless: Ctrl-C may stop one a thread is stopping."""
+        with contextlib.suppress(ValueError):
             RUNNING.remove(self)
-        if self.log_path and os.path.exists(self.log_path):
-            os.unlink(self.log_path)
+        if self.log_path:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.log_path)
 
     def process_sample(self):
         """Threads, resident memory (MiB) and CPU seconds so far of the orders process, where /proc
@@ -657,7 +665,7 @@ class Spawner:
         if self.ahead:
             future, self.ahead = self.ahead[1], None
             try:
-                (await future).stop()
+                await (await future).stop_in_thread()
             except (Exception, SystemExit):
                 pass  # it never started: nothing to stop, and the matrix still prints
 
@@ -1083,7 +1091,7 @@ async def run_all(args, out):
             capacity = args.capacity or capacity_of(await stats(target, "payment"))
             return [await probe(target, capacity, args.quick, out, args.rate)]
         finally:
-            target.stop()
+            await target.stop_in_thread()
     results = []
     cells = [(path, name) for path, names in runs for name in names]
     started = time.monotonic()
@@ -1158,7 +1166,7 @@ async def run_cell(args, path, name, progress, out, spawner, following=None):
             )
         finally:
             if target.proc:
-                target.stop()
+                await target.stop_in_thread()
         print_run(result, out)
         out.flush()
         if result["verdict"] != "untrusted" or attempt == 2:
@@ -1876,7 +1884,7 @@ async def calibrate(quick, out):
             if r["ok_pct"] < 99 or (r["lag_p99_ms"] or 0) > 2:
                 break
     finally:
-        trivial.stop()
+        await trivial.stop_in_thread()
     good = [r for r in results["trivial"] if r["ok_pct"] >= 99 and (r["lag_p99_ms"] or 0) <= 2]
     results["max_sustainable_rps"] = max((r["rate"] for r in good), default=0)
     out.write(
@@ -1896,7 +1904,7 @@ async def calibrate(quick, out):
             f"max {fmt(lat['max'])} ms   (truth: 20% of requests wait 0-1 s, so p99 ~950 ms)\n"
         )
     finally:
-        stall.stop()
+        await stall.stop_in_thread()
     return results
 
 

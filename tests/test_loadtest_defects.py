@@ -2,8 +2,11 @@
 import asyncio
 import io
 import os
+import subprocess
+import sys
+import time
 
-from conftest import serve
+from conftest import group_alive, serve
 
 import loadtest
 
@@ -49,3 +52,58 @@ def test_a_version_name_keeps_every_digit(tmp_path, monkeypatch):
     loadtest.print_story([{"target": "v1_2", "scenario": "steady", "verdict": "pass", "decisive": "p99_ms",
                            "figures": {"p99_ms": 50.0}}], out)
     assert "diff -u v1_2_b.py v1_10_c.py" in out.getvalue(), out.getvalue()
+
+
+SLOW_TO_STOP = """import json, signal, sys, time
+def stop(*_):
+    time.sleep(1.0)  # a version that takes a second to shut down
+    sys.exit(0)
+signal.signal(signal.SIGTERM, stop)
+print("READY " + json.dumps({"orders": "http://127.0.0.1:9"}), flush=True)
+while True:
+    signal.pause()
+"""
+
+
+def test_stopping_a_target_does_not_block_the_event_loop(tmp_path):
+    """A target that takes a second to stop must not freeze the loop for that second (stop() waited for
+    the process group with time.sleep inside the event loop: up to ~10 s with nothing else running)."""
+    fake = tmp_path / "slow_to_stop.py"
+    fake.write_text(SLOW_TO_STOP)
+    gaps = []
+    pgid = []
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        spawner = loadtest.Spawner(seed=1)
+        spawner.prepare(str(fake))
+        target = await spawner.ahead[1]
+        pgid.append(target.proc.pid)
+
+        async def ticker():
+            last = loop.time()
+            while True:
+                await asyncio.sleep(0.01)
+                gaps.append(loop.time() - last)
+                last = loop.time()
+
+        ticking = asyncio.ensure_future(ticker())
+        while not gaps:  # the ticker is running
+            await asyncio.sleep(0.005)
+        started = time.monotonic()
+        await spawner.close()
+        took_s = time.monotonic() - started
+        ticks = len(gaps)
+        while len(gaps) == ticks:  # the tick that was due while close() ran has been measured
+            await asyncio.sleep(0.005)
+        ticking.cancel()
+        return took_s
+
+    try:
+        took_s = asyncio.run(main())
+    finally:
+        for pid in pgid:
+            subprocess.run(["kill", "-KILL", f"-{pid}"], capture_output=True)
+    assert took_s >= 0.9, f"stopped in {took_s:.2f} s: the fake was meant to take a second"
+    assert not group_alive(pgid[0])
+    assert max(gaps) < 0.3, f"the event loop froze for {max(gaps):.2f} s while a target stopped"
