@@ -247,7 +247,7 @@ def load_against(delay, plan, serve_kw=None, requester_kw=None, **load_kw):
         server, port = await serve(delay, **(serve_kw or {}))
         try:
             load = loadtest.Load(plan, requester(port, **(requester_kw or {})), **load_kw)
-            await load.run()
+            await load.drive()
             return load
         finally:
             server.close()

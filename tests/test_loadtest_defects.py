@@ -1,9 +1,9 @@
 """Defects found in loadtest.py, each pinned by the test that failed before its fix."""
 import asyncio
+import contextlib
 import io
 import os
-import subprocess
-import sys
+import signal
 import time
 
 from conftest import group_alive, serve
@@ -23,7 +23,7 @@ def test_a_get_planned_before_any_order_is_recorded_as_the_post_it_was_sent_as()
             target = loadtest.Target("fake", {"orders": f"http://127.0.0.1:{port}"})
             run = loadtest.Run(target, "payment-down", 100, True, 1)
             run.load = loadtest.Load(plan, loadtest.request_maker(run))
-            await run.load.run()
+            await run.load.drive()
             return run.load.records
         finally:
             server.close()
@@ -103,7 +103,8 @@ def test_stopping_a_target_does_not_block_the_event_loop(tmp_path):
         took_s = asyncio.run(main())
     finally:
         for pid in pgid:
-            subprocess.run(["kill", "-KILL", f"-{pid}"], capture_output=True)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pid, signal.SIGKILL)
     assert took_s >= 0.9, f"stopped in {took_s:.2f} s: the fake was meant to take a second"
     assert not group_alive(pgid[0])
     assert max(gaps) < 0.3, f"the event loop froze for {max(gaps):.2f} s while a target stopped"
