@@ -59,12 +59,16 @@ MAX_DURATION_S = 600  # --duration: ten minutes is a soak, not a lesson
 MAX_PLANNED_REQUESTS = 1_000_000  # a plan and its records cost ~250 bytes a request: ~250 MB
 # a socket per request in flight, here and in the orders process it starts
 OPEN_FILES_WANTED = 10240
+# This API's answers are under 1 KiB: more (or a head that never ends) is a broken or hostile
+# target, and the rest of it is not read: a bad answer, not an out-of-memory loadtest.
+MAX_ANSWER_BYTES = 16 * 1024
 
 # === ENGINE ===
 # One connection per request (as the version files answer with Connection: close), driven by
 # asyncio protocols rather than streams: about 4x less CPU per request.
 
-OUTCOMES = ("ok", "shed", "4xx", "502", "504", "5xx", "timeout", "conn", "capped")
+# "bad answer": an answer that broke HTTP (see BadAnswer); "capped": never sent (MAX_IN_FLIGHT)
+OUTCOMES = ("ok", "shed", "4xx", "502", "504", "5xx", "timeout", "conn", "bad answer", "capped")
 
 
 def outcome_of(status):
@@ -78,38 +82,84 @@ def outcome_of(status):
     return "4xx" if status < 500 else "5xx"
 
 
+class BadAnswer(ConnectionError):
+    """The target answered, but not in HTTP this instrument can trust: no status line, a
+    Content-Length that is not a number, an answer over MAX_ANSWER_BYTES (head or body), or one
+    cut short. Its own outcome: never ok, never a traceback."""
+
+
+STATUS_LINE = re.compile(rb"HTTP/1\.[01] ([1-5][0-9][0-9])(?: [^\r\n]*)?")
+
+
+def parse_head(head):
+    """(status, Content-Length or None) of an answer's head (without its blank line)."""
+    lines = head.split(b"\r\n")
+    match = STATUS_LINE.fullmatch(lines[0])
+    if not match:
+        raise BadAnswer(f"no HTTP status line: {bytes(lines[0][:40])!r}")
+    lengths = {
+        line.split(b":", 1)[1].strip()
+        for line in lines[1:]
+        if line[:15].lower() == b"content-length:"
+    }
+    if not lengths:
+        return int(match[1]), None
+    length = lengths.pop()
+    if lengths or not length.isdigit():
+        raise BadAnswer(f"Content-Length {bytes(length[:20])!r} is not one number of bytes")
+    return int(match[1]), int(length)
+
+
 class ResponseReader(asyncio.Protocol):
-    """Send one request, collect one response, resolve `done` with (status, body) or an error."""
+    """Send one request, read one answer (at most MAX_ANSWER_BYTES of it), resolve `done` with
+    (status, body) or an error: BadAnswer for one that breaks HTTP, ConnectionError for none."""
 
     def __init__(self, message, done):
         self.message = message
         self.done = done
         self.buf = bytearray()
+        self.status = None
+        self.body_at = None  # where the body starts, once the head has been read
+        self.length = None  # its Content-Length; None: the body ends when the connection does
 
     def connection_made(self, transport):
         self.transport = transport
         transport.write(self.message)
 
     def data_received(self, data):
-        self.buf += data
-        head_end = self.buf.find(b"\r\n\r\n")
-        if head_end < 0 or self.done.done():
+        if self.done.done():
             return
-        head = bytes(self.buf[:head_end]).lower()
-        at = head.find(b"content-length:")
-        if at >= 0:  # the whole answer is here: record the time now, not at close
-            length = int(head[at + 15 :].split(b"\r\n", 1)[0])
-            if len(self.buf) - head_end - 4 >= length:
-                self.finish()
+        self.buf += data
+        if len(self.buf) > MAX_ANSWER_BYTES:
+            return self.fail(BadAnswer(f"an answer over {MAX_ANSWER_BYTES:,} bytes"))
+        if self.body_at is None:
+            head_end = self.buf.find(b"\r\n\r\n")
+            if head_end < 0:
+                return
+            try:
+                self.status, self.length = parse_head(bytes(self.buf[:head_end]))
+            except BadAnswer as err:
+                return self.fail(err)
+            self.body_at = head_end + 4
+        if self.length is not None and len(self.buf) - self.body_at >= self.length:
+            self.finish()  # the whole answer is here: record the time now, not at close
 
     def finish(self):
-        if not self.done.done():
-            try:
-                status = int(self.buf.split(b" ", 2)[1])
-                self.done.set_result((status, bytes(self.buf[self.buf.find(b"\r\n\r\n") + 4 :])))
-            except (IndexError, ValueError):
-                self.done.set_exception(ConnectionError("malformed response"))
+        """The answer is complete, or the connection ended: resolve `done` with what came."""
+        if self.done.done():
+            return self.transport.close()
+        if self.body_at is None:
+            return self.fail(BadAnswer("the connection closed inside the answer's head"))
+        body = bytes(self.buf[self.body_at :])
+        if self.length is not None and len(body) < self.length:
+            return self.fail(BadAnswer(f"{len(body)} of {self.length} bytes of body came"))
+        self.done.set_result((self.status, body[: self.length]))
         self.transport.close()
+
+    def fail(self, error):
+        if not self.done.done():
+            self.done.set_exception(error)
+        self.transport.abort()
 
     def eof_received(self):
         self.finish()
@@ -265,6 +315,9 @@ class Load:
                 except TimeoutError:
                     status = 0
                     outcome = "timeout"
+                except BadAnswer:
+                    status = 0
+                    outcome = "bad answer"
                 except OSError:
                     status = 0
                     outcome = "conn"
@@ -1335,6 +1388,7 @@ def load_figures(records, total_s, capacity_rps):
         **{f"{name}_ms": value for name, value in latency.items()},
         "error_pct": round(100 * len(failed) / max(1, len(records)), 2),
         "timeouts": sum(1 for r in records if r.outcome == "timeout"),
+        "bad_answers": sum(1 for r in records if r.outcome == "bad answer"),
         "shed_p99_ms": to_ms(percentile(shed, 99)),
     }
 
@@ -1531,10 +1585,17 @@ def ground_truth(stats_before, stats_after, run_id, acked, fault_refs, timeline)
 
 def decide(scenario, figures, problems):
     """A run's verdict and its reasons, decided here and nowhere else. 'fail' when the run did not
-    do what its scenario says (a fault that was never set is never a pass); else 'untrusted' when
-    loadtest fell behind its own schedule (a lag p99 over UNTRUSTED_LAG_MS measured the machine,
-    not the target; run_cell runs it once more); else what the checks say."""
+    do what its scenario says (a fault that was never set is never a pass) or the target broke
+    HTTP (any bad answer, whatever the checks say); else 'untrusted' when loadtest fell behind its
+    own schedule (a lag p99 over UNTRUSTED_LAG_MS measured the machine, not the target; run_cell
+    runs it once more); else what the checks say."""
     passed, reasons = judge(scenario, figures)
+    bad_answers = figures.get("bad_answers") or 0
+    if bad_answers:
+        problems = problems + [
+            f"{bad_answers:,} bad answers: the target broke HTTP (no status line, a Content-Length "
+            f"that is not a number, over {MAX_ANSWER_BYTES:,} bytes, or cut short)"
+        ]
     lag_ms = figures.get("schedule_lag_p99_ms")
     lagged = lag_ms is not None and lag_ms > UNTRUSTED_LAG_MS
     if lagged:
@@ -1895,8 +1956,7 @@ def write_report(results, path):
         "time.</p>"
         f"<table><tr><th>scenario</th>{head}</tr>{''.join(rows)}</table>" + "".join(sections)
     )
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(page)
+    write_output("--report", path, lambda f: f.write(page))
 
 
 def report_row(results):
@@ -2285,6 +2345,11 @@ LIMITS_HELP = (
     f"<= {MAX_PLANNED_REQUESTS:,} planned requests\nper run; all finite and > 0. A bad --url, "
     "--target, --scenario or --json/--report path too."
 )
+EXIT_CODES_HELP = (
+    "exit codes: 0 the runs completed (with --exit-code: and all passed); 1 a verdict failed\n"
+    "(--exit-code); 2 a bad command line, or --json/--report could not be written; 3 a run was\n"
+    "untrusted and none failed (--exit-code); 130 interrupted (Ctrl-C, SIGTERM)."
+)
 
 
 def parse_args(argv):
@@ -2306,8 +2371,8 @@ def build_parser():
         description="The failure-first playground's load tester: "
         "same scenarios, same pass criteria, every version.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=f"versions here: {versions}\nscenarios: {', '.join(SCENARIOS)}\n{LIMITS_HELP}\n\n"
-        + __doc__.split("\n\n")[-1],
+        epilog=f"versions here: {versions}\nscenarios: {', '.join(SCENARIOS)}\n{LIMITS_HELP}\n"
+        f"{EXIT_CODES_HELP}\n\n" + __doc__.split("\n\n")[-1],
     )
     add_what_options(parser.add_mutually_exclusive_group())
     add_how_options(parser)
@@ -2344,6 +2409,14 @@ def add_how_options(parser):
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     parser.add_argument(
         "--report", metavar="FILE.html", help="also write a self-contained HTML report (SVG charts)"
+    )
+    parser.add_argument(
+        "--exit-code",
+        action="store_true",
+        help="exit 1 when any verdict is a fail, 3 when a run was untrusted (the machine was too "
+        "busy to measure) and none failed, 0 when all passed. Without it the exit code is 0 "
+        "whenever the runs completed: a version's story fails a scenario by design (like k6's "
+        "thresholds or Locust's --exit-code-on-error, for CI)",
     )
     parser.add_argument(
         "--rate",
@@ -2469,6 +2542,41 @@ def print_list(out):
         )
 
 
+class OutputError(Exception):
+    """A --json or --report file could not be written (a full disk, say): one line, exit code 2."""
+
+
+def write_output(flag, path, write):
+    """Write a --json or --report file with write(file); OutputError, in one line, if it fails."""
+    try:
+        with open(path, "w", encoding="utf-8") as f:
+            write(f)
+    except OSError as err:
+        raise OutputError(
+            f"{os.path.basename(sys.argv[0]) or 'loadtest.py'}: error: {flag} {path}: "
+            f"could not write: {err.strerror or err} (the results are printed above)"
+        ) from None
+
+
+def save_results(args, results, out):
+    """--json and --report, once the runs are over."""
+    if args.json:
+        write_output("--json", args.json, lambda f: json.dump({"runs": results}, f, indent=1))
+    if args.report:
+        write_report(results, args.report)
+        out.write(f"\nreport written to {args.report}\n")
+
+
+def exit_status(results):
+    """--exit-code: 1 when any verdict is a fail, else 3 when a run was untrusted, else 0."""
+    verdicts = {result.get("verdict") for result in results}
+    if "fail" in verdicts:
+        return 1
+    if "untrusted" in verdicts:
+        return 3
+    return 0
+
+
 def main(argv=None):
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM cleans up like Ctrl-C
@@ -2485,21 +2593,24 @@ def main(argv=None):
             except KeyboardInterrupt:
                 return 0
         if args.list:
-            return print_list(out)
+            print_list(out)
+            return 0
         if args.calibrate:
             results = asyncio.run(calibrate(args.quick, out))
             if args.json:
-                with open(args.json, "w") as f:
-                    json.dump({"calibration": results}, f, indent=1)
-            return
+                calibration = {"calibration": results}
+                write_output("--json", args.json, lambda f: json.dump(calibration, f, indent=1))
+            return 0
         results = asyncio.run(run_all(args, out))
-        if args.json and not args.probe:
-            with open(args.json, "w") as f:
-                json.dump({"runs": results}, f, indent=1)
-        if args.report and not args.probe:
-            write_report(results, args.report)
-            out.write(f"\nreport written to {args.report}\n")
-        return 0  # the run completed; verdicts are in the output (a naive version is meant to fail)
+        if not args.probe:
+            save_results(args, results, out)
+        # Without --exit-code, 0: the run completed and its verdicts are in the output (a naive
+        # version is meant to fail its story's scenario).
+        return exit_status(results) if args.exit_code else 0
+    except OutputError as err:
+        out.flush()
+        sys.stderr.write(f"{err}\n")
+        return 2
     except KeyboardInterrupt:
         sys.stderr.write("\ninterrupted: stopping everything this run started\n")
         return 130
