@@ -62,6 +62,10 @@ OPEN_FILES_WANTED = 10240
 # This API's answers are under 1 KiB: more (or a head that never ends) is a broken or hostile
 # target, and the rest of it is not read: a bad answer, not an out-of-memory loadtest.
 MAX_ANSWER_BYTES = 16 * 1024
+# The instrument's own reads (/chaos, /stats, /metrics) are larger, and per-ref ground truth grows
+# with the run: ~120 bytes a ref, so /stats?refs=1 may take CONTROL_BYTES_PER_REQUEST per request.
+MAX_CONTROL_BYTES = 1024 * 1024
+CONTROL_BYTES_PER_REQUEST = 300
 
 # === ENGINE ===
 # One connection per request (as the version files answer with Connection: close), driven by
@@ -84,8 +88,8 @@ def outcome_of(status):
 
 class BadAnswer(ConnectionError):
     """The target answered, but not in HTTP this instrument can trust: no status line, a
-    Content-Length that is not a number, an answer over MAX_ANSWER_BYTES (head or body), or one
-    cut short. Its own outcome: never ok, never a traceback."""
+    Content-Length that is not a number, an answer over its cap (MAX_ANSWER_BYTES for the load,
+    head and body), or one cut short. Its own outcome: never ok, never a traceback."""
 
 
 STATUS_LINE = re.compile(rb"HTTP/1\.[01] ([1-5][0-9][0-9])(?: [^\r\n]*)?")
@@ -111,12 +115,13 @@ def parse_head(head):
 
 
 class ResponseReader(asyncio.Protocol):
-    """Send one request, read one answer (at most MAX_ANSWER_BYTES of it), resolve `done` with
-    (status, body) or an error: BadAnswer for one that breaks HTTP, ConnectionError for none."""
+    """Send one request, read one answer (at most max_bytes of it), resolve `done` with (status,
+    body) or an error: BadAnswer for one that breaks HTTP, ConnectionError for none."""
 
-    def __init__(self, message, done):
+    def __init__(self, message, done, max_bytes):
         self.message = message
         self.done = done
+        self.max_bytes = max_bytes
         self.buf = bytearray()
         self.status = None
         self.body_at = None  # where the body starts, once the head has been read
@@ -130,8 +135,8 @@ class ResponseReader(asyncio.Protocol):
         if self.done.done():
             return
         self.buf += data
-        if len(self.buf) > MAX_ANSWER_BYTES:
-            return self.fail(BadAnswer(f"an answer over {MAX_ANSWER_BYTES:,} bytes"))
+        if len(self.buf) > self.max_bytes:
+            return self.fail(BadAnswer(f"an answer over {self.max_bytes:,} bytes"))
         if self.body_at is None:
             head_end = self.buf.find(b"\r\n\r\n")
             if head_end < 0:
@@ -186,8 +191,9 @@ def build_request(method, host, port, path, body=None, headers=None):
     return ("\r\n".join(lines) + "\r\n\r\n").encode() + data
 
 
-async def round_trip(host, port, message, deadline):
-    """One request on a fresh connection; raises TimeoutError at `deadline` (loop time)."""
+async def round_trip(host, port, message, deadline, max_bytes=MAX_ANSWER_BYTES):
+    """One request on a fresh connection; raises TimeoutError at `deadline` (loop time), BadAnswer
+    for an answer that breaks HTTP or is over max_bytes."""
     loop = asyncio.get_running_loop()
     task = asyncio.current_task()
     done = loop.create_future()
@@ -206,7 +212,7 @@ async def round_trip(host, port, message, deadline):
     try:
         try:
             transport, _ = await loop.create_connection(
-                lambda: ResponseReader(message, done), host, port
+                lambda: ResponseReader(message, done, max_bytes), host, port
             )
         except asyncio.CancelledError:
             if stage != "expired":
@@ -224,13 +230,14 @@ async def round_trip(host, port, message, deadline):
                 transport.close()
 
 
-async def fetch_json(url, method="GET", body=None, timeout_s=3.0):
+async def fetch_json(url, method="GET", body=None, timeout_s=3.0, max_bytes=MAX_CONTROL_BYTES):
     """Small JSON request for control and ground truth; returns (status, obj or None)."""
     parts = urlsplit(url)
     path = parts.path + (f"?{parts.query}" if parts.query else "")
     message = build_request(method, parts.hostname, parts.port, path, body)
     loop = asyncio.get_running_loop()
-    status, data = await round_trip(parts.hostname, parts.port, message, loop.time() + timeout_s)
+    deadline = loop.time() + timeout_s
+    status, data = await round_trip(parts.hostname, parts.port, message, deadline, max_bytes)
     try:
         return status, json.loads(data)
     except ValueError:
@@ -860,13 +867,15 @@ def available_versions():
     return [version_name(p) for p in version_files()]
 
 
-async def stats(target, role, refs=False):
+async def stats(target, role, refs=False, max_bytes=MAX_CONTROL_BYTES):
     """GET /stats of a simulator, or None if there is none (attach mode) or it does not answer."""
     url = target.urls.get(role)
     if not url:
         return None
     try:
-        status, obj = await fetch_json(url + "/stats" + ("?refs=1" if refs else ""))
+        status, obj = await fetch_json(
+            url + "/stats" + ("?refs=1" if refs else ""), max_bytes=max_bytes
+        )
         return obj if status == 200 and isinstance(obj, dict) else None
     except (OSError, TimeoutError):
         return None
@@ -994,8 +1003,10 @@ async def run_scenario(
         on_load_done()
     await drain_fulfilment(run, progress)
     sampling.cancel()
+    refs_bytes = MAX_CONTROL_BYTES + CONTROL_BYTES_PER_REQUEST * len(run.plan)
     run.stats_after = {
-        role: await stats(target, role, refs=True) for role in ("payment", "shipping")
+        role: await stats(target, role, refs=True, max_bytes=refs_bytes)
+        for role in ("payment", "shipping")
     }
     progress("")
     return summarise(run)

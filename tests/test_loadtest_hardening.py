@@ -207,3 +207,18 @@ def test_help_documents_the_exit_codes():
 def test_maxrss_is_measured_in_kib():
     """The RSS test reads ru_maxrss as KiB, as Linux reports it (macOS would say bytes)."""
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss < 10 * 1024 * 1024
+
+
+def test_the_instruments_own_reads_are_not_held_to_the_loads_cap():
+    """Ground truth (/stats?refs=1 grows with the run) and /metrics are larger than an order's answer: the
+    load's 16 KiB cap made every run's ground truth n/a. The instrument's reads have their own, larger cap."""
+    body = b'{"refs": {' + b", ".join(b'"run-%d": 1' % i for i in range(20000)) + b"}}"
+    assert len(body) > 10 * loadtest.MAX_ANSWER_BYTES
+    answer = answer_with(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+    with server_in_thread(answer) as url:
+        status, obj = asyncio.run(loadtest.fetch_json(url + "/stats?refs=1"))
+        assert status == 200 and len(obj["refs"]) == 20000
+        records = drive(url, constant_plan(50, 0.1))
+        assert {r.outcome for r in records} == {"bad answer"}, "an order's answer that big is still a bad one"
+        with pytest.raises(loadtest.BadAnswer):
+            asyncio.run(loadtest.fetch_json(url + "/stats?refs=1", max_bytes=64 * 1024))
