@@ -32,6 +32,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import textwrap
 import threading
 import time
 from urllib.parse import urlsplit
@@ -344,7 +345,21 @@ class Load:
 # per version.
 
 
-def phase(name, full_s, quick_s, load, payment=None, shipping=None, fault=False):
+def phase(
+    name,
+    full_s,
+    quick_s,
+    load,
+    payment=None,
+    shipping=None,
+    fault=False,
+    judged=False,
+    base=False,
+    settle_s=0,
+):
+    """A phase of a scenario. `judged`: its own figures (figure@name, see phase_figures) are
+    measured, from `settle_s` after it begins; `base`: the healthy phase whose accepted p99 the
+    judged ones are held to."""
     return {
         "name": name,
         "full_s": full_s,
@@ -353,6 +368,9 @@ def phase(name, full_s, quick_s, load, payment=None, shipping=None, fault=False)
         "payment": payment or {},
         "shipping": shipping or {},
         "fault": fault,
+        "judged": judged,
+        "base": base,
+        "settle_s": settle_s,
     }
 
 
@@ -387,7 +405,14 @@ def ramp(steps, full_s, quick_s, load, top, quick_steps):
 
 
 def scenario(about, *phases, checks, decisive, **more):
+    """A scenario: what it asks, its phases, its checks and the figure the matrix shows; `more`:
+    get_share (the share of GETs), client_retries, figures (how derived figures are measured)."""
     return {"about": about, "phases": list(phases), "checks": checks, "decisive": decisive, **more}
+
+
+def each_phase(phases, figure, op, bound):
+    """The same check in each of the named phases: figure@phase."""
+    return [(f"{figure}@{name}", op, bound) for name in phases]
 
 
 SCENARIOS = {
@@ -490,6 +515,48 @@ SCENARIOS = {
         ],
         decisive="lost_orders",
     ),
+    "overload": scenario(
+        "0.5x capacity, then sustained 3x and 10x: does the excess cost the accepted anything?",
+        phase("baseline", 5, 2, 0.5, base=True),
+        phase("3C", 10, 2, 3.0, fault=True, judged=True),
+        phase("10C", 10, 2, 10.0, fault=True, judged=True),
+        get_share=0.2,
+        checks=[
+            *each_phase(["3C", "10C"], "goodput_pct", ">=", 95),
+            *each_phase(["3C", "10C"], "p99_x", "<=", 2),
+            *each_phase(["3C", "10C"], "shed_p99_ms", "<=", 5),
+            ("timeouts", "<=", 0),
+            ("fault_amplification", "<=", 1.1),
+        ],
+        decisive="p99_x@3C",
+        figures="per phase, of the POSTs meant to leave in it: goodput_pct = successful POSTs/s "
+        "as a % of min(POSTs offered/s, C), which is C here; p99_x = accepted p99 / the "
+        "baseline phase's accepted p99, measured in the same run; "
+        "shed_p99_ms = p99 of the 429/503 answers (GETs too); fault_amplification = payment's "
+        "work per order sent in the overload phases. Decisive: p99_x@3C, the accepted p99 under "
+        "the seed's promise's sustained 3x as a multiple of the version's own 0.5x p99",
+    ),
+    "capacity-drop": scenario(
+        "0.8x capacity while payment loses half its workers for a while: does the limit follow?",
+        phase("before", 5, 2, 0.8, judged=True, base=True),
+        phase("half", 10, 3, 0.8, {"workers": 2}, fault=True, judged=True),
+        phase("after", 8, 5, 0.8, judged=True, settle_s=3),
+        checks=[
+            *each_phase(["before", "half", "after"], "goodput_pct", ">=", 90),
+            ("p99_x@half", "<=", 2),
+            ("timeouts", "<=", 0),
+        ],
+        decisive="p99_x@half",
+        figures="per phase, of the POSTs meant to leave in it (in 'after', from 3 s after the "
+        "capacity's return: full goodput within 3 s): capacity then = payment's capacity_rps in "
+        "/stats while it lasts (the median of the samples; C/2 with 2 of its 4 workers); "
+        "goodput_pct = successful POSTs/s as a % of min(POSTs offered/s, capacity then); p99_x = "
+        "accepted p99 / what that capacity allows when healthy, which is the before phase's p99: "
+        "a call's service time does not change with the number of workers, and a healthy limit "
+        "follows capacity (Little's law: limit = capacity x latency), so each call waits behind "
+        "as many calls per worker as before. A static limit sized for 4 workers keeps twice as "
+        "many waiting per worker, and waits twice as long",
+    ),
 }
 
 # Each version's story: the scenario it fixes and the one that still breaks it.
@@ -502,7 +569,7 @@ LADDER = {
     "v0_6": (["retry-storm"], ["payment-down"]),
     "v0_7": (["payment-down"], ["early-warning"]),
     "v0_8": (["early-warning"], ["partial-failure"]),
-    "v1_0": (["partial-failure"], []),
+    "v1_0": (["partial-failure", "overload", "capacity-drop"], []),
 }
 # Why a version without the scenario's fix fails it: the mechanism, in one line, for the story a
 # run ends with.
@@ -1107,6 +1174,7 @@ async def sample(run):
                 else None,
                 "payment_queue": pay["queue_depth"] if pay else None,
                 "held_open": pay["held_open"] if pay else None,
+                "capacity_rps": capacity_of(pay, None) if pay else None,  # workers may change
             }
         )
         machine_before = machine_now
@@ -1159,8 +1227,8 @@ async def drain_fulfilment(run, progress):
         await asyncio.sleep(0.05)
 
 
-def capacity_of(payment_stats):
-    """C from payment's /stats when it is a sane number, else the default: a /stats answer must
+def capacity_of(payment_stats, default=DEFAULT_CAPACITY_RPS):
+    """C from payment's /stats when it is a sane number, else `default`: a /stats answer must
     not be able to size a load past the limits the command line is held to."""
     value = (payment_stats or {}).get("capacity_rps")
     if (
@@ -1169,7 +1237,7 @@ def capacity_of(payment_stats):
         and 0 < value <= MAX_CAPACITY_RPS
     ):
         return value
-    return DEFAULT_CAPACITY_RPS
+    return default
 
 
 def make_progress(enabled):
@@ -1345,6 +1413,7 @@ def summarise(run):
         **process_figures(run.samples),
         **alert_figures(run, records, total_s),
         "schedule_lag_p99_ms": schedule_lag_p99_ms(records),
+        **phase_figures(records, run.phases, run.capacity_rps, run.samples),
     }
     verdict, reasons = decide(run.scenario, figures, run.problems)
     return {
@@ -1450,6 +1519,52 @@ def process_figures(samples):
         "orders_cpu_p90_pct": percentile(orders_cpu, 90),  # 100 = one core
         "peak_rss_mb": round(max(rss), 1) if rss else None,
     }
+
+
+def phase_figures(records, phases, capacity_rps, samples):
+    """The figures of each judged phase, named figure@phase, of the requests meant to leave in it
+    from its settle_s on: goodput_pct (successful POSTs/s as a % of min(POSTs offered/s, the
+    capacity payment had then)), p99_x (the accepted POSTs' p99 / the base phase's: what a
+    healthy system keeps at any capacity) and shed_p99_ms (p99 of its 429/503 answers, GETs
+    too)."""
+    base = next((p for p in phases if p["base"]), None)
+    base_p99 = percentile(accepted_latencies(in_phase(records, base)), 99) if base else None
+    figures = {}
+    for p in (p for p in phases if p["judged"]):
+        judged = in_phase(records, p)
+        length = p["end"] - p["start"] - p["settle_s"]
+        posts = [r for r in judged if r.kind == "post"]
+        served_rps = sum(1 for r in posts if r.outcome == "ok") / length
+        wanted_rps = min(len(posts) / length, phase_capacity(p, samples, capacity_rps))
+        p99 = percentile(accepted_latencies(judged), 99)
+        shed = [r.latency for r in judged if r.outcome == "shed"]
+        name = p["name"]
+        figures[f"goodput_pct@{name}"] = round(100 * served_rps / wanted_rps, 1) if posts else None
+        figures[f"p99_x@{name}"] = round(p99 / base_p99, 2) if p99 and base_p99 else None
+        figures[f"shed_p99_ms@{name}"] = to_ms(percentile(shed, 99))
+    return figures
+
+
+def in_phase(records, phase):
+    """The requests meant to leave in a phase, from its settle_s on."""
+    start = phase["start"] + phase["settle_s"]
+    return [r for r in records if start <= intended_at(r) < phase["end"]]
+
+
+def accepted_latencies(records):
+    """Latencies of the successful POSTs among `records`."""
+    return [r.latency for r in records if r.kind == "post" and r.outcome == "ok"]
+
+
+def phase_capacity(phase, samples, capacity_rps):
+    """The capacity payment had in a phase: the median of what its /stats said while it lasted;
+    C where nothing was sampled."""
+    sampled = [
+        s["capacity_rps"]
+        for s in samples
+        if phase["start"] <= s["t"] < phase["end"] and s.get("capacity_rps")
+    ]
+    return percentile(sampled, 50) if sampled else capacity_rps
 
 
 def first_alert_figure(run):
@@ -1630,6 +1745,8 @@ UNMEASURED = {
         False, "no alert fired (no /metrics, or none of its alert rules fired)"
     ),
     "get_p99_ms": Unmeasured(False, "no GET succeeded"),
+    "goodput_pct": Unmeasured(False, "no POST was meant to leave in it"),
+    "p99_x": Unmeasured(False, "no accepted POST here or in the base phase to hold it to"),
 }
 NOT_MEASURABLE = Unmeasured(False, "not measurable here")
 CHECK_OPERATORS = {
@@ -1644,8 +1761,8 @@ def judge(scenario, figures):
     passed = True
     for figure, op, bound in scenario["checks"]:
         value = figures.get(figure)
-        if value is None:
-            unmeasured = UNMEASURED.get(figure, NOT_MEASURABLE)
+        if value is None:  # figure@phase: the figure's meaning, in that phase
+            unmeasured = UNMEASURED.get(figure.split("@")[0], NOT_MEASURABLE)
             if unmeasured.passes:
                 reasons.append(f"{figure}: {unmeasured.why} (ok)")
             else:
@@ -1701,6 +1818,7 @@ def print_run(result, out=sys.stdout):
     )
     write(ground_truth_lines(result["ground_truth"]))
     write(process_line(result["recovery_s"], figures))
+    write(phase_lines(figures))
     if figures.get("first_alert") or "alert_lead_s" in figures:  # only /metrics can raise one
         write(alert_line(figures))
     print_timeline(result["timeline"], out)
@@ -1734,6 +1852,21 @@ def process_line(recovery_s, figures):
         f" · machine CPU p90 {show(figures['machine_cpu_p90_pct'], ' %')}"
         f" (orders p90 {show(figures['orders_cpu_p90_pct'], ' % of a core')})"
         f" · schedule lag p99 {show(figures['schedule_lag_p99_ms'], ' ms')}\n"
+    )
+
+
+def phase_lines(figures):
+    """The judged phases' own figures (figure@phase), one line each; nothing for other runs."""
+    phases = {}
+    for key, value in figures.items():
+        if "@" in key:
+            figure, name = key.split("@")
+            phases.setdefault(name, {})[figure] = value
+    return "".join(
+        f"   phase {name:8s} goodput {show(seen.get('goodput_pct'), ' %')} of what it could serve"
+        f" · accepted p99 {show(seen.get('p99_x'), 'x')} the base phase's"
+        f" · shed p99 {show(seen.get('shed_p99_ms'), ' ms')}\n"
+        for name, seen in phases.items()
     )
 
 
@@ -2551,6 +2684,13 @@ def print_list(out):
             + ", ".join(f"{f} {op} {b}" for f, op, b in sc["checks"])
             + f"   (decisive: {sc['decisive']})\n"
         )
+        if "figures" in sc:
+            out.write(
+                textwrap.fill(
+                    sc["figures"], 96, initial_indent="    figures: ", subsequent_indent="      "
+                )
+                + "\n"
+            )
 
 
 class OutputError(Exception):
