@@ -18,6 +18,7 @@ requests that were waiting to be sent (coordinated omission, Gil Tene). Pure sta
 import argparse
 import asyncio
 import collections
+import contextlib
 import glob
 import html
 import ipaddress
@@ -25,11 +26,13 @@ import json
 import math
 import os
 import random
+import re
 import select
 import signal
 import subprocess
 import sys
 import tempfile
+import textwrap
 import threading
 import time
 from urllib.parse import urlsplit
@@ -40,13 +43,14 @@ CLIENT_TIMEOUT_S = 5.0  # a user's patience: after this the client gives up (cou
 MAX_IN_FLIGHT = 3000  # open loop, but bounded: requests over the cap are counted as "capped"
 DEFAULT_CAPACITY_RPS = 100.0  # C, when it cannot be read from payment's /stats
 SAMPLE_EVERY_S = 0.25  # ground truth and process sampling period during a run
-# a second is recovered when its p99 is under this, nothing failed, <= 10% shed
+# a second counts as recovered when nothing in it failed, <= 10% was shed and its p99 is <= this
 RECOVERED_P99_MS = 500
-# after the load, fulfilment is done when nothing has shipped for this long (1.5x v1.0's
+# After the load, the drain waits for fulfilment until every acknowledged order has shipped, nothing
+# has shipped for this long (1.5x v1.0's longest redelivery backoff), or its time is up.
 DRAIN_IDLE_S = 1.5
-#                    longest redelivery backoff), all acknowledged orders have shipped, or time is up
-# A run in which loadtest itself fell behind its schedule measured the machine, not the target: measured
-# here, a run beside other work flipped a verdict at a lag p99 of 160 ms; alone, runs lag 2-5 ms (p99).
+# A run in which loadtest itself fell behind its schedule measured the machine, not the target.
+# Measured here: a run beside other work flipped a verdict at a lag p99 of 160 ms; a run alone lags
+# 2-5 ms (p99).
 UNTRUSTED_LAG_MS = 50
 # Limits, checked before anything starts: a typo must not become a load that eats the machine.
 # offered req/s, at any phase's peak: 4x what --calibrate measures one loop can keep
@@ -56,12 +60,20 @@ MAX_DURATION_S = 600  # --duration: ten minutes is a soak, not a lesson
 MAX_PLANNED_REQUESTS = 1_000_000  # a plan and its records cost ~250 bytes a request: ~250 MB
 # a socket per request in flight, here and in the orders process it starts
 OPEN_FILES_WANTED = 10240
+# This API's answers are under 1 KiB: more (or a head that never ends) is a broken or hostile
+# target, and the rest of it is not read: a bad answer, not an out-of-memory loadtest.
+MAX_ANSWER_BYTES = 16 * 1024
+# The instrument's own reads (/chaos, /stats, /metrics) are larger, and per-ref ground truth grows
+# with the run: ~120 bytes a ref, so /stats?refs=1 may take CONTROL_BYTES_PER_REQUEST per request.
+MAX_CONTROL_BYTES = 1024 * 1024
+CONTROL_BYTES_PER_REQUEST = 300
 
 # === ENGINE ===
 # One connection per request (as the version files answer with Connection: close), driven by
 # asyncio protocols rather than streams: about 4x less CPU per request.
 
-OUTCOMES = ("ok", "shed", "4xx", "502", "504", "5xx", "timeout", "conn", "capped")
+# "bad answer": an answer that broke HTTP (see BadAnswer); "capped": never sent (MAX_IN_FLIGHT)
+OUTCOMES = ("ok", "shed", "4xx", "502", "504", "5xx", "timeout", "conn", "bad answer", "capped")
 
 
 def outcome_of(status):
@@ -75,38 +87,85 @@ def outcome_of(status):
     return "4xx" if status < 500 else "5xx"
 
 
-class Exchange(asyncio.Protocol):
-    """Send one request, collect one response, resolve `done` with (status, body) or an error."""
+class BadAnswer(ConnectionError):
+    """The target answered, but not in HTTP this instrument can trust: no status line, a
+    Content-Length that is not a number, an answer over its cap (MAX_ANSWER_BYTES for the load,
+    head and body), or one cut short. Its own outcome: never ok, never a traceback."""
 
-    def __init__(self, request, done):
-        self.request = request
+
+STATUS_LINE = re.compile(rb"HTTP/1\.[01] ([1-5][0-9][0-9])(?: [^\r\n]*)?")
+
+
+def parse_head(head):
+    """(status, Content-Length or None) of an answer's head (without its blank line)."""
+    lines = head.split(b"\r\n")
+    match = STATUS_LINE.fullmatch(lines[0])
+    if not match:
+        raise BadAnswer(f"no HTTP status line: {bytes(lines[0][:40])!r}")
+    lengths = {
+        line.split(b":", 1)[1].strip()
+        for line in lines[1:]
+        if line[:15].lower() == b"content-length:"
+    }
+    if not lengths:
+        return int(match[1]), None
+    length = lengths.pop()
+    if lengths or not length.isdigit():
+        raise BadAnswer(f"Content-Length {bytes(length[:20])!r} is not one number of bytes")
+    return int(match[1]), int(length)
+
+
+class ResponseReader(asyncio.Protocol):
+    """Send one request, read one answer (at most max_bytes of it), resolve `done` with (status,
+    body) or an error: BadAnswer for one that breaks HTTP, ConnectionError for none."""
+
+    def __init__(self, message, done, max_bytes):
+        self.message = message
         self.done = done
+        self.max_bytes = max_bytes
         self.buf = bytearray()
+        self.status = None
+        self.body_at = None  # where the body starts, once the head has been read
+        self.length = None  # its Content-Length; None: the body ends when the connection does
 
     def connection_made(self, transport):
         self.transport = transport
-        transport.write(self.request)
+        transport.write(self.message)
 
     def data_received(self, data):
-        self.buf += data
-        head_end = self.buf.find(b"\r\n\r\n")
-        if head_end < 0 or self.done.done():
+        if self.done.done():
             return
-        head = bytes(self.buf[:head_end]).lower()
-        at = head.find(b"content-length:")
-        if at >= 0:  # the whole answer is here: record the time now, not at close
-            length = int(head[at + 15 :].split(b"\r\n", 1)[0])
-            if len(self.buf) - head_end - 4 >= length:
-                self.finish()
+        self.buf += data
+        if len(self.buf) > self.max_bytes:
+            return self.fail(BadAnswer(f"an answer over {self.max_bytes:,} bytes"))
+        if self.body_at is None:
+            head_end = self.buf.find(b"\r\n\r\n")
+            if head_end < 0:
+                return
+            try:
+                self.status, self.length = parse_head(bytes(self.buf[:head_end]))
+            except BadAnswer as err:
+                return self.fail(err)
+            self.body_at = head_end + 4
+        if self.length is not None and len(self.buf) - self.body_at >= self.length:
+            self.finish()  # the whole answer is here: record the time now, not at close
 
     def finish(self):
-        if not self.done.done():
-            try:
-                status = int(self.buf.split(b" ", 2)[1])
-                self.done.set_result((status, bytes(self.buf[self.buf.find(b"\r\n\r\n") + 4 :])))
-            except (IndexError, ValueError):
-                self.done.set_exception(ConnectionError("malformed response"))
+        """The answer is complete, or the connection ended: resolve `done` with what came."""
+        if self.done.done():
+            return self.transport.close()
+        if self.body_at is None:
+            return self.fail(BadAnswer("the connection closed inside the answer's head"))
+        body = bytes(self.buf[self.body_at :])
+        if self.length is not None and len(body) < self.length:
+            return self.fail(BadAnswer(f"{len(body)} of {self.length} bytes of body came"))
+        self.done.set_result((self.status, body[: self.length]))
         self.transport.close()
+
+    def fail(self, error):
+        if not self.done.done():
+            self.done.set_exception(error)
+        self.transport.abort()
 
     def eof_received(self):
         self.finish()
@@ -133,17 +192,18 @@ def build_request(method, host, port, path, body=None, headers=None):
     return ("\r\n".join(lines) + "\r\n\r\n").encode() + data
 
 
-async def exchange(host, port, request, deadline):
-    """One request on a fresh connection; raises TimeoutError at `deadline` (loop time)."""
+async def round_trip(host, port, message, deadline, max_bytes=MAX_ANSWER_BYTES):
+    """One request on a fresh connection; raises TimeoutError at `deadline` (loop time), BadAnswer
+    for an answer that breaks HTTP or is over max_bytes."""
     loop = asyncio.get_running_loop()
     task = asyncio.current_task()
     done = loop.create_future()
-    connecting = [True]
-    expired = []
+    stage = "connecting"  # then "answering"; "expired" if the deadline came while connecting
 
     def expire():  # one timer for connect and answer (asyncio.wait_for would cost a Task each)
-        if connecting:
-            expired.append(True)
+        nonlocal stage
+        if stage == "connecting":
+            stage = "expired"
             task.cancel()
         elif not done.done():
             done.set_exception(TimeoutError())
@@ -152,37 +212,53 @@ async def exchange(host, port, request, deadline):
     transport = None
     try:
         try:
-            transport, _ = await loop.create_connection(lambda: Exchange(request, done), host, port)
+            transport, _ = await loop.create_connection(
+                lambda: ResponseReader(message, done, max_bytes), host, port
+            )
         except asyncio.CancelledError:
-            if not expired:
+            if stage != "expired":
                 raise
             getattr(task, "uncancel", lambda: None)()
             raise TimeoutError() from None
-        connecting.clear()
+        stage = "answering"
         return await done
     finally:
         timer.cancel()
         if transport is not None:
-            transport.abort() if not done.done() or done.cancelled() or done.exception() else transport.close()
+            if not done.done() or done.cancelled() or done.exception():
+                transport.abort()
+            else:
+                transport.close()
 
 
-async def fetch_json(url, method="GET", body=None, timeout_s=3.0):
+async def fetch_json(url, method="GET", body=None, timeout_s=3.0, max_bytes=MAX_CONTROL_BYTES):
     """Small JSON request for control and ground truth; returns (status, obj or None)."""
     parts = urlsplit(url)
     path = parts.path + (f"?{parts.query}" if parts.query else "")
-    request = build_request(method, parts.hostname, parts.port, path, body)
+    message = build_request(method, parts.hostname, parts.port, path, body)
     loop = asyncio.get_running_loop()
-    status, data = await exchange(parts.hostname, parts.port, request, loop.time() + timeout_s)
+    deadline = loop.time() + timeout_s
+    status, data = await round_trip(parts.hostname, parts.port, message, deadline, max_bytes)
     try:
         return status, json.loads(data)
     except ValueError:
         return status, data.decode("latin-1")
 
 
-# One request as the load generator saw it: when it was meant to leave (s into the run), how late it left (s),
-# how long from its intended send to its answer (s), "post" or "get", its outcome (OUTCOMES), the HTTP status
-# (0: none) and how many attempts a retrying client made.
+# One request as the load generator saw it: when it was meant to leave (s into the run), how late
+# it left (s), how long from its intended send to its answer (s), "post" or "get", its outcome
+# (OUTCOMES), the HTTP status (0: none) and how many attempts a retrying client made.
 Record = collections.namedtuple("Record", "intended lag latency kind outcome status attempts")
+# What a client sends for one planned request: the kind it really is ("post" or "get": a GET
+# planned before any order exists has nothing to read, and is sent as a POST) and its attempts.
+Request = collections.namedtuple("Request", "kind attempts")
+# One attempt: where it goes, the HTTP request's bytes, on_answer(status, body) for an answer, and
+# whether a client that got no good answer tries again.
+Attempt = collections.namedtuple("Attempt", "host port message on_answer retry")
+
+
+def ignore_answer(status, body):
+    """on_answer of a request whose answer is only counted (its outcome), never read."""
 
 
 class Load:
@@ -191,8 +267,7 @@ class Load:
     def __init__(
         self, plan, make_request, client_timeout_s=CLIENT_TIMEOUT_S, max_in_flight=MAX_IN_FLIGHT
     ):
-        # plan: sorted list of (offset_s, kind)
-        self.plan = plan
+        self.plan = plan  # sorted list of (offset_s, kind)
         self.make_request = make_request
         self.client_timeout_s = client_timeout_s
         self.max_in_flight = max_in_flight
@@ -200,7 +275,7 @@ class Load:
         self.in_flight = 0
         self.t0 = None
 
-    async def run(self, on_tick=None):
+    async def drive(self, on_tick=None):
         loop = asyncio.get_running_loop()
         self.t0 = self.t0 or loop.time() + 0.05
         tasks = set()
@@ -226,7 +301,7 @@ class Load:
         if tasks:
             await asyncio.gather(*tasks)
 
-    async def fire(self, offset, kind):
+    async def fire(self, offset, planned_kind):
         """One logical request, maybe several attempts (clients that retry), timed from intent."""
         loop = asyncio.get_running_loop()
         intended = self.t0 + offset
@@ -234,38 +309,57 @@ class Load:
         deadline = intended + self.client_timeout_s
         status = 0
         outcome = "conn"
-        attempt = 0
+        attempts = 0
         try:
-            # noqa: B007
-            for attempt, (host, port, request, on_answer, retry) in enumerate(
-                self.make_request(kind), 1
-            ):
+            request = self.make_request(planned_kind)
+            for attempt in request.attempts:
+                attempts += 1
                 try:
-                    status, body = await exchange(host, port, request, deadline)
+                    status, body = await round_trip(
+                        attempt.host, attempt.port, attempt.message, deadline
+                    )
                     outcome = outcome_of(status)
-                    on_answer(status, body)
+                    attempt.on_answer(status, body)
                 except TimeoutError:
                     status = 0
                     outcome = "timeout"
+                except BadAnswer:
+                    status = 0
+                    outcome = "bad answer"
                 except OSError:
                     status = 0
                     outcome = "conn"
-                if outcome in ("ok", "4xx") or not retry or loop.time() >= deadline:
+                if outcome in ("ok", "4xx") or not attempt.retry or loop.time() >= deadline:
                     break
         finally:
             self.in_flight -= 1
         self.records.append(
-            Record(offset, lag, loop.time() - intended, kind, outcome, status, attempt)
+            Record(offset, lag, loop.time() - intended, request.kind, outcome, status, attempts)
         )
 
 
 # === SCENARIOS ===
 # Loads are multiples of the designed capacity C (payment's workers / service time). Each phase:
-# (name, seconds, seconds with --quick (0: skipped), load in C, chaos for payment, chaos for shipping, fault?).
-# Checks are (figure, operator, bound): the same for every version, never tuned per version.
+# (name, seconds, seconds with --quick (0: skipped), load in C, chaos for payment, chaos for
+# shipping, fault?). Checks are (figure, operator, bound): the same for every version, never tuned
+# per version.
 
 
-def phase(name, full_s, quick_s, load, payment=None, shipping=None, fault=False):
+def phase(
+    name,
+    full_s,
+    quick_s,
+    load,
+    payment=None,
+    shipping=None,
+    fault=False,
+    judged=False,
+    base=False,
+    settle_s=0,
+):
+    """A phase of a scenario. `judged`: its own figures (figure@name, see phase_figures) are
+    measured, from `settle_s` after it begins; `base`: the healthy phase whose accepted p99 the
+    judged ones are held to."""
     return {
         "name": name,
         "full_s": full_s,
@@ -274,24 +368,28 @@ def phase(name, full_s, quick_s, load, payment=None, shipping=None, fault=False)
         "payment": payment or {},
         "shipping": shipping or {},
         "fault": fault,
+        "judged": judged,
+        "base": base,
+        "settle_s": settle_s,
     }
 
 
-def before(full_s, quick_s, load):
-    """Healthy, before the fault. --quick skips it (0 s) unless the fault's first second would otherwise
-    decide the figure: orders to read back, healthy calls in a breaker's window, a pool not started cold."""
+def healthy_before(full_s, quick_s, load):
+    """Healthy, before the fault. --quick skips it (0 s) unless the fault's first second would
+    otherwise decide the figure: orders to read back, healthy calls in a breaker's window, a pool
+    not started cold."""
     return phase("before", full_s, quick_s, load)
 
 
-def after(full_s, quick_s, load):
-    """Healthy again. --quick skips it (0 s) unless a check judges recovery (recovery_s: it is watched for
-    this phase only, so quick is stricter, never looser) or counts the whole run."""
+def healthy_after(full_s, quick_s, load):
+    """Healthy again. --quick skips it (0 s) unless a check judges recovery (recovery_s: it is
+    watched for this phase only, so quick is stricter, never looser) or counts the whole run."""
     return phase("after", full_s, quick_s, load)
 
 
 def ramp(steps, full_s, quick_s, load, top, quick_steps):
-    """A dependency that gets slowly worse: latency x1 -> x`top` in `steps` equal steps; --quick runs
-    the first `quick_steps` of them."""
+    """A dependency that gets slowly worse: latency x1 -> x`top` in `steps` equal steps; --quick
+    runs the first `quick_steps` of them."""
     factors = [1 + (top - 1) * (k + 1) / steps for k in range(steps)]
     return [
         phase(
@@ -307,7 +405,14 @@ def ramp(steps, full_s, quick_s, load, top, quick_steps):
 
 
 def scenario(about, *phases, checks, decisive, **more):
+    """A scenario: what it asks, its phases, its checks and the figure the matrix shows; `more`:
+    get_share (the share of GETs), client_retries, figures (how derived figures are measured)."""
     return {"about": about, "phases": list(phases), "checks": checks, "decisive": decisive, **more}
+
+
+def each_phase(phases, figure, op, bound):
+    """The same check in each of the named phases: figure@phase."""
+    return [(f"{figure}@{name}", op, bound) for name in phases]
 
 
 SCENARIOS = {
@@ -319,9 +424,9 @@ SCENARIOS = {
     ),
     "spike": scenario(
         "3x capacity for the fault window: is the excess shed fast, or does it queue?",
-        before(3, 0, 0.5),
+        healthy_before(3, 0, 0.5),
         phase("spike", 10, 2, 3.0, fault=True),
-        after(8, 0, 0.5),
+        healthy_after(8, 0, 0.5),
         checks=[
             ("timeouts", "<=", 0),
             ("p99_ms", "<=", 1000),
@@ -332,50 +437,51 @@ SCENARIOS = {
     ),
     "slow-payment": scenario(
         "0.8x capacity while payment is 3x slower: admitted work the dependency cannot serve",
-        before(3, 0, 0.8),
+        healthy_before(3, 0, 0.8),
         phase("slow", 10, 3, 0.8, {"latency_factor": 3}, fault=True),
-        after(8, 0, 0.8),
+        healthy_after(8, 0, 0.8),
         checks=[("timeouts", "<=", 0), ("p99_ms", "<=", 1000), ("shed_p99_ms", "<=", 100)],
         decisive="p99_ms",
     ),
     "slow-shipping": scenario(
         "0.8x capacity while shipping is 5x slower: does a fulfilment backlog grow unseen?",
-        before(3, 0, 0.8),
+        healthy_before(3, 0, 0.8),
         phase("slow", 15, 6, 0.8, shipping={"latency_factor": 5}, fault=True),
-        after(6, 0, 0.8),
+        healthy_after(6, 0, 0.8),
         checks=[("timeouts", "<=", 0), ("backlog_max", "<=", 100), ("lag_max_s", "<=", 2.0)],
         decisive="lag_max_s",
     ),
     "hang-payment": scenario(
         "0.5x capacity; 20% of charges never answer: do hung calls leak resources?",
-        before(3, 1, 0.5),
+        healthy_before(3, 1, 0.5),
         phase("hang", 10, 4, 0.5, {"hang_rate": 0.2}, fault=True),
-        after(8, 3, 0.5),
+        healthy_after(8, 3, 0.5),
         checks=[("goodput_pct", ">=", 95), ("p99_ms", "<=", 1000), ("held_open_after", "<=", 0)],
         decisive="goodput_pct",
     ),
     "flaky-payment": scenario(
         "0.5x capacity; charges fail, some after committing; clients retry with the same key",
-        before(2, 0, 0.5),
+        healthy_before(2, 0, 0.5),
         phase("flaky", 10, 3, 0.5, {"error_rate": 0.1, "ambiguous_rate": 0.1}, fault=True),
-        after(4, 0, 0.5),
+        healthy_after(4, 0, 0.5),
         client_retries=2,
         checks=[("duplicate_charges", "<=", 0), ("duplicate_orders", "<=", 0)],
         decisive="duplicate_charges",
     ),
     "retry-storm": scenario(
-        "0.6x capacity; payment struggles (2x slower, 80% of charges fail) briefly: do retries pile on?",
-        before(3, 1, 0.6),
+        "0.6x capacity; payment struggles (2x slower, 80% of charges fail) briefly: "
+        "do retries pile on?",
+        healthy_before(3, 1, 0.6),
         phase("brownout", 4, 2, 0.6, {"latency_factor": 2, "error_rate": 0.8}, fault=True),
-        after(10, 3, 0.6),
+        healthy_after(10, 3, 0.6),
         checks=[("fault_amplification", "<=", 1.2), ("recovery_s", "<=", 3)],
         decisive="fault_amplification",
     ),
     "payment-down": scenario(
         "0.5x capacity, half POST, half GET /orders/<id>; payment blackholed",
-        before(3, 1, 0.5),
+        healthy_before(3, 1, 0.5),
         phase("down", 10, 4, 0.5, {"blackhole": True}, fault=True),
-        after(8, 3, 0.5),
+        healthy_after(8, 3, 0.5),
         get_share=0.5,
         checks=[
             ("fault_post_p50_ms", "<=", 100),
@@ -386,18 +492,19 @@ SCENARIOS = {
         decisive="fault_post_p50_ms",
     ),
     "early-warning": scenario(
-        "0.5x capacity; payment gets slowly worse: does a metric alert fire before users see errors?",
-        before(3, 0, 0.5),
+        "0.5x capacity; payment gets slowly worse: "
+        "does a metric alert fire before users see errors?",
+        healthy_before(3, 0, 0.5),
         *ramp(8, 16, 10, 0.5, 3, quick_steps=6),
-        after(4, 0, 0.5),
+        healthy_after(4, 0, 0.5),
         checks=[("alert_lead_s", ">=", 1.0)],
         decisive="alert_lead_s",
     ),
     "partial-failure": scenario(
         "2x capacity + payment brownout (3x) + shipping down, then healthy: everything at once",
-        before(3, 0, 0.5),
+        healthy_before(3, 0, 0.5),
         phase("partial", 8, 3, 2.0, {"latency_factor": 3}, {"down": True}, fault=True),
-        after(8, 4, 0.5),
+        healthy_after(8, 4, 0.5),
         checks=[
             ("p99_ms", "<=", 1000),
             ("timeouts", "<=", 0),
@@ -407,6 +514,48 @@ SCENARIOS = {
             ("recovery_s", "<=", 3),
         ],
         decisive="lost_orders",
+    ),
+    "overload": scenario(
+        "0.5x capacity, then sustained 3x and 10x: does the excess cost the accepted anything?",
+        phase("baseline", 5, 2, 0.5, base=True),
+        phase("3C", 10, 2, 3.0, fault=True, judged=True),
+        phase("10C", 10, 2, 10.0, fault=True, judged=True),
+        get_share=0.2,
+        checks=[
+            *each_phase(["3C", "10C"], "goodput_pct", ">=", 95),
+            *each_phase(["3C", "10C"], "p99_x", "<=", 2),
+            *each_phase(["3C", "10C"], "shed_p99_ms", "<=", 5),
+            ("timeouts", "<=", 0),
+            ("fault_amplification", "<=", 1.1),
+        ],
+        decisive="p99_x@3C",
+        figures="per phase, of the POSTs meant to leave in it: goodput_pct = successful POSTs/s "
+        "as a % of min(POSTs offered/s, C), which is C here; p99_x = accepted p99 / the "
+        "baseline phase's accepted p99, measured in the same run; "
+        "shed_p99_ms = p99 of the 429/503 answers (GETs too); fault_amplification = payment's "
+        "work per order sent in the overload phases. Decisive: p99_x@3C, the accepted p99 under "
+        "the seed's promise's sustained 3x as a multiple of the version's own 0.5x p99",
+    ),
+    "capacity-drop": scenario(
+        "0.8x capacity while payment loses half its workers for a while: does the limit follow?",
+        phase("before", 5, 2, 0.8, judged=True, base=True),
+        phase("half", 10, 3, 0.8, {"workers": 2}, fault=True, judged=True),
+        phase("after", 8, 5, 0.8, judged=True, settle_s=3),
+        checks=[
+            *each_phase(["before", "half", "after"], "goodput_pct", ">=", 90),
+            ("p99_x@half", "<=", 2),
+            ("timeouts", "<=", 0),
+        ],
+        decisive="p99_x@half",
+        figures="per phase, of the POSTs meant to leave in it (in 'after', from 3 s after the "
+        "capacity's return: full goodput within 3 s): capacity then = payment's capacity_rps in "
+        "/stats while it lasts (the median of the samples; C/2 with 2 of its 4 workers); "
+        "goodput_pct = successful POSTs/s as a % of min(POSTs offered/s, capacity then); p99_x = "
+        "accepted p99 / what that capacity allows when healthy, which is the before phase's p99: "
+        "a call's service time does not change with the number of workers, and a healthy limit "
+        "follows capacity (Little's law: limit = capacity x latency), so each call waits behind "
+        "as many calls per worker as before. A static limit sized for 4 workers keeps twice as "
+        "many waiting per worker, and waits twice as long",
     ),
 }
 
@@ -420,34 +569,70 @@ LADDER = {
     "v0_6": (["retry-storm"], ["payment-down"]),
     "v0_7": (["payment-down"], ["early-warning"]),
     "v0_8": (["early-warning"], ["partial-failure"]),
-    "v1_0": (["partial-failure"], []),
+    "v1_0": (["partial-failure", "overload", "capacity-drop"], []),
 }
-# Why a version without the scenario's fix fails it: the mechanism, in one line, for the story a run ends with.
+# Why a version without the scenario's fix fails it: the mechanism, in one line, for the story a
+# run ends with.
 WHY = {
-    "spike": "nothing limits what comes in, so everything past capacity waits in a queue that only grows",
+    "spike": "nothing limits what comes in, "
+    "so everything past capacity waits in a queue that only grows",
     "slow-payment": "admission counts requests, not the work they hold: slow calls pile up inside",
     "slow-shipping": "an unbounded event queue hides a fulfilment backlog until it is seconds deep",
     "hang-payment": "a call without a timeout waits forever, holding a worker, until none is left",
     "flaky-payment": "a charge retried without an idempotency key is a second charge",
-    "retry-storm": "immediate retries multiply the work on a dependency exactly when it has least to spare",
-    "payment-down": "every order still waits out its timeouts against a dependency that is gone, holding workers",
+    "retry-storm": "immediate retries multiply the work on a dependency "
+    "exactly when it has least to spare",
+    "payment-down": "every order still waits out its timeouts against a dependency that is gone, "
+    "holding workers",
     "early-warning": "nothing inside is visible: the first sign of trouble is a user's error",
-    "partial-failure": "a shipment that fails is dropped, and nothing bounds a request's time end to end",
+    "partial-failure": "a shipment that fails is dropped, "
+    "and nothing bounds a request's time end to end",
 }
 
-# The alert rules of prometheus/alerts.yml, evaluated here on each scrape of the target's /metrics (every
-# SAMPLE_EVERY_S), so the load test can say when the first one fired without running Prometheus.
+# The alert rules of prometheus/alerts.yml, mirrored here (change the two together): loadtest
+# evaluates each rule on every scrape of the target's /metrics (every SAMPLE_EVERY_S), so it can say
+# when the first one fired without running Prometheus. A rule reads the metrics scraped now and the
+# history of payment's call counters that its rate() needs.
 ALERT_WINDOW_S = 2.0  # the [2s] of the rules' rate()
+# payment's call counters at one scrape: when (monotonic s), all calls, calls within 100 ms
+PaymentCalls = collections.namedtuple("PaymentCalls", "t calls fast")
+
+
+def payment_slow(metrics, history):
+    """PaymentSlow: over 10% of payment calls slower than 100 ms in the last ALERT_WINDOW_S
+    (dependency_request_duration_seconds, le="0.1")."""
+    now = history[-1]
+    older = [h for h in history if h.t <= now.t - ALERT_WINDOW_S]
+    if not older or now.calls <= older[-1].calls:
+        return False
+    calls = now.calls - older[-1].calls
+    fast = now.fast - older[-1].fast
+    return (calls - fast) / calls > 0.1
+
+
+def fulfilment_stuck(metrics, history):
+    """FulfilmentStuck: the oldest order waiting to ship has waited over 2 s
+    (fulfilment_oldest_event_age_seconds)."""
+    return metrics.get(("fulfilment_oldest_event_age_seconds", frozenset()), 0) > 2
+
+
+def circuit_open(metrics, history):
+    """CircuitOpen: a dependency's circuit breaker is open (circuit_breaker_state{state="open"})."""
+    return any(
+        name == "circuit_breaker_state" and ("state", "open") in labels and value == 1
+        for (name, labels), value in metrics.items()
+    )
+
+
 ALERT_RULES = {
-    "PaymentSlow": "over 10% of payment calls slower than 100 ms in the last 2 s "
-    "(dependency_request_duration_seconds, le=\"0.1\")",
-    "FulfilmentStuck": "the oldest order waiting to ship has waited over 2 s (fulfilment_oldest_event_age_seconds)",
-    "CircuitOpen": "a dependency's circuit breaker is open (circuit_breaker_state{state=\"open\"})",
+    "PaymentSlow": payment_slow,
+    "FulfilmentStuck": fulfilment_stuck,
+    "CircuitOpen": circuit_open,
 }
 
 
 def rps_per_load(scenario, capacity_rps, rate_rps=None):
-    """Req/s for a load of 1.0: C, or with --rate R, R / the first phase's load, so that phase offers R.
+    """Req/s for a load of 1.0: C, or with --rate R, R / the first phase's load (so it offers R).
 
     The first phase is the load before any fault (in every scenario here also its lowest), so
     --rate means what vegeta's -rate means for steady and keeps a scenario's shape otherwise."""
@@ -457,11 +642,12 @@ def rps_per_load(scenario, capacity_rps, rate_rps=None):
 def phase_rates(scenario, capacity_rps, quick, duration_s=None, rate_rps=None):
     """[(phase, length s, offered req/s)]: the one place where loads become rates."""
     key = "quick_s" if quick else "full_s"
-    stretched = [p for p in scenario["phases"] if p["fault"]] or scenario["phases"]
-    scale = duration_s / sum(p[key] for p in stretched) if duration_s else 1.0
+    # --duration sets the fault window's length (the whole run's without a fault)
+    resized = [p for p in scenario["phases"] if p["fault"]] or scenario["phases"]
+    scale = duration_s / sum(p[key] for p in resized) if duration_s else 1.0
     per_load = rps_per_load(scenario, capacity_rps, rate_rps)
     return [
-        (ph, ph[key] * (scale if ph in stretched else 1.0), ph["load"] * per_load)
+        (ph, ph[key] * (scale if ph in resized else 1.0), ph["load"] * per_load)
         for ph in scenario["phases"]
     ]
 
@@ -473,7 +659,7 @@ def plan_problem(name, scenario, capacity_rps, quick, duration_s=None, rate_rps=
         math.isfinite(rps) and rps > 0 and math.isfinite(length) and length >= 0
         for _, length, rps in rates
     ):
-        # expovariate(-5) would never end
+        # a plan at a rate of nan, inf or <= 0 would never end: expovariate(-5) never passes the end
         return f"{name}: rates and lengths must be finite and > 0"
     peak = max(rps for _, _, rps in rates)
     if peak > MAX_RATE_RPS:
@@ -493,7 +679,8 @@ def plan_problem(name, scenario, capacity_rps, quick, duration_s=None, rate_rps=
 def make_plan(scenario, capacity_rps, quick, seed, duration_s=None, rate_rps=None):
     """Poisson arrivals (seeded) for every phase; returns (plan, phases with start/end/rps).
 
-    Loads are multiples of `capacity_rps`, or with `rate_rps` scaled so the first phase offers it."""
+    Loads are multiples of `capacity_rps`, or with `rate_rps` scaled so the first phase offers
+    it."""
     problem = plan_problem("this plan", scenario, capacity_rps, quick, duration_s, rate_rps)
     if problem:  # the CLI refuses these earlier; this guards every other caller
         raise ValueError(problem)
@@ -529,36 +716,37 @@ class Target:
         self.log_path = log_path
 
     @classmethod
-    def spawn(cls, path, seed, timeout_s=20.0):
-        """Start `python path --port 0` in its own process group and wait for its READY line."""
+    def start(cls, name, command, timeout_s=20.0):
+        """Run `command` in its own process group and wait for its READY line; SystemExit, with
+        the end of its stderr, if none comes within `timeout_s`."""
         log = tempfile.NamedTemporaryFile("w+", prefix="loadtest-", suffix=".log", delete=False)
         proc = subprocess.Popen(
-            [sys.executable, path, "--port", "0", "--seed", str(seed)],
+            command,
             stdout=subprocess.PIPE,
             stderr=log,
             stdin=subprocess.DEVNULL,
             text=True,
             start_new_session=True,
         )
-        target = cls(version_name(path), {}, proc, log.name)
+        target = cls(name, {}, proc, log.name)
         RUNNING.append(target)
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if not select.select([proc.stdout], [], [], max(0.0, deadline - time.monotonic()))[0]:
-                break
-            line = proc.stdout.readline()
-            if line.startswith("READY "):
-                target.urls = json.loads(line[6:])
-                drain = threading.Thread(target=lambda: [None for _ in proc.stdout], daemon=True)
-                # keep reading: closing the pipe could kill it, a full pipe would block it
-                drain.start()
-                return target
-            if not line:
-                break
-        target.stop()
-        tail = open(log.name).read()[-800:]
-        raise SystemExit(
-            f"{path} did not print READY within {timeout_s:.0f} s; its stderr ends with:\n{tail}"
+        urls = read_ready(proc, timeout_s)
+        if urls is None:
+            log.seek(0)
+            tail = log.read()[-800:]
+            target.stop()
+            raise SystemExit(
+                f"{' '.join(command[1:])} did not print READY within {timeout_s:.0f} s; "
+                f"its stderr ends with:\n{tail}"
+            )
+        target.urls = urls
+        return target
+
+    @classmethod
+    def spawn(cls, path, seed):
+        """Start the version file `path` on free ports (its payment and shipping with it)."""
+        return cls.start(
+            version_name(path), [sys.executable, path, "--port", "0", "--seed", str(seed)]
         )
 
     def stop(self):
@@ -576,17 +764,25 @@ class Target:
             self.proc.wait()
         self._forget()
 
+    async def stop_in_thread(self):
+        """stop() for a coroutine: the wait for the group to exit (up to ~10 s) blocks a worker
+        thread, not the event loop."""
+        await asyncio.get_running_loop().run_in_executor(None, self.stop)
+
     def group_alive(self):
         return group_alive(self.proc.pid)
 
     def _forget(self):
-        if self in RUNNING:
+        """No longer ours to stop. Twice is harmless: Ctrl-C may stop one a thread is stopping."""
+        with contextlib.suppress(ValueError):
             RUNNING.remove(self)
-        if self.log_path and os.path.exists(self.log_path):
-            os.unlink(self.log_path)
+        if self.log_path:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.log_path)
 
     def process_sample(self):
-        """Threads, resident memory (MiB) and CPU seconds so far of the orders process, where /proc tells."""
+        """Threads, resident memory (MiB) and CPU seconds so far of the orders process, where /proc
+        tells."""
         try:
             with open(f"/proc/{self.proc.pid}/status") as f:
                 fields = dict(line.split(":", 1) for line in f)
@@ -602,14 +798,33 @@ class Target:
 RUNNING = []  # targets to stop on any exit
 
 
+def read_ready(proc, timeout_s):
+    """The URLs of a process's `READY {json}` line, waited for with a deadline; None if it exits,
+    prints something else at its end, or the deadline passes first. Its stdout is read on (and
+    dropped) from then on: closing the pipe could kill it, a full pipe would block it."""
+    deadline = time.monotonic() + timeout_s
+    while select.select([proc.stdout], [], [], max(0.0, deadline - time.monotonic()))[0]:
+        line = proc.stdout.readline()
+        if line.startswith("READY "):
+            drain = threading.Thread(target=lambda: [None for _ in proc.stdout], daemon=True)
+            drain.start()
+            try:
+                return json.loads(line[6:])
+            except ValueError:
+                return None
+        if not line:
+            return None
+    return None
+
+
 class Spawner:
-    """Starts the targets of a matrix, each cell's own; the next cell's while the current one drains, so
-    its start-up (~0.35 s: three Python processes) overlaps a wait instead of adding to the run's time."""
+    """Starts the targets of a matrix, each cell's own; the next cell's while the current one
+    drains, so its start-up (~0.35 s: three Python processes) overlaps a wait instead of adding to
+    the run's time."""
 
     def __init__(self, seed):
-        # ahead: (path, the future of its Target)
         self.seed = seed
-        self.ahead = None
+        self.ahead = None  # (path, the future of its Target)
 
     def prepare(self, path):
         if path and not self.ahead:
@@ -629,24 +844,25 @@ class Spawner:
         if self.ahead:
             future, self.ahead = self.ahead[1], None
             try:
-                (await future).stop()
-            # it never started: nothing to stop, and the matrix still prints
+                await (await future).stop_in_thread()
             except (Exception, SystemExit):
-                pass
+                pass  # it never started: nothing to stop, and the matrix still prints
 
 
 def cpu_times():
-    """(total, idle) jiffies of the whole machine, all cores, where /proc/stat tells; else None."""
+    """(busy, total) jiffies of the whole machine, all cores, where /proc/stat tells; else None."""
     try:
         with open("/proc/stat") as f:
             fields = [int(x) for x in f.readline().split()[1:]]
-        return sum(fields), fields[3] + fields[4]
+        idle = fields[3] + fields[4]
+        return sum(fields) - idle, sum(fields)
     except (OSError, ValueError, IndexError):
         return None
 
 
 def group_alive(pgid):
-    """Is a process of this group still running? Zombies do not count: some inits never reap them."""
+    """Is a process of this group still running? Zombies do not count: some inits never reap
+    them."""
     try:
         os.killpg(pgid, 0)
     except (ProcessLookupError, PermissionError):
@@ -664,10 +880,20 @@ def group_alive(pgid):
     return False
 
 
+VERSION_FILE = re.compile(r"v(\d+)_(\d+)_\w+\.py")  # v0_3_backpressure.py, v1_10_sharded.py
+
+
 def version_name(path):
-    """'./v0_3_backpressure.py' -> 'v0_3'."""
+    """'./v0_3_backpressure.py' -> 'v0_3', 'v1_10_x.py' -> 'v1_10'; any other file: its name."""
     base = os.path.basename(path)
-    return base[:4] if base[:2] == "v0" or base[:2] == "v1" else base.rsplit(".", 1)[0]
+    match = VERSION_FILE.fullmatch(base)
+    return f"v{match[1]}_{match[2]}" if match else base.rsplit(".", 1)[0]
+
+
+def version_number(path):
+    """(major, minor) of a version file, for ordering: v1_2 comes before v1_10."""
+    match = VERSION_FILE.fullmatch(os.path.basename(path))
+    return (int(match[1]), int(match[2]))
 
 
 def find_version(name):
@@ -684,10 +910,8 @@ def find_version(name):
             None,
             f"{name!r} matches several version files ({', '.join(map(os.path.basename, matches))})",
         )
-    return None, (
-        f"no version matches {name!r}: give one of {', '.join(available_versions()) or 'none found'} "
-        "(or a file path)"
-    )
+    known = ", ".join(available_versions()) or "none found"
+    return None, f"no version matches {name!r}: give one of {known} (or a file path)"
 
 
 def resolve_target(name):
@@ -699,20 +923,26 @@ def resolve_target(name):
 
 
 def version_files():
-    return sorted(glob.glob(os.path.join(HERE, "v[01]_[0-9]_*.py")))
+    """The version files beside loadtest.py, in version order."""
+    paths = glob.glob(os.path.join(HERE, "v*_*_*.py"))
+    return sorted(
+        (p for p in paths if VERSION_FILE.fullmatch(os.path.basename(p))), key=version_number
+    )
 
 
 def available_versions():
     return [version_name(p) for p in version_files()]
 
 
-async def stats(target, role, refs=False):
+async def stats(target, role, refs=False, max_bytes=MAX_CONTROL_BYTES):
     """GET /stats of a simulator, or None if there is none (attach mode) or it does not answer."""
     url = target.urls.get(role)
     if not url:
         return None
     try:
-        status, obj = await fetch_json(url + "/stats" + ("?refs=1" if refs else ""))
+        status, obj = await fetch_json(
+            url + "/stats" + ("?refs=1" if refs else ""), max_bytes=max_bytes
+        )
         return obj if status == 200 and isinstance(obj, dict) else None
     except (OSError, TimeoutError):
         return None
@@ -730,7 +960,8 @@ async def set_chaos(target, role, chaos, attempts=3):
 
 
 def parse_metrics(text):
-    """Prometheus text format -> {(name, frozenset of (label, value))): value}; comments and junk skipped."""
+    """Prometheus text format -> {(name, frozenset of (label, value)): value}; comments and junk
+    skipped."""
     metrics = {}
     for line in text.splitlines():
         head, _, value = line.rpartition(" ")
@@ -749,8 +980,15 @@ def parse_metrics(text):
     return metrics
 
 
+def payment_total(metrics, name, *labels):
+    """The sum of a metric's series for the payment dependency (and `labels`)."""
+    wanted = {("dependency", "payment"), *labels}
+    return sum(value for (n, pairs), value in metrics.items() if n == name and pairs >= wanted)
+
+
 async def scrape_alerts(url, history):
-    """Scrape /metrics once: the ALERT_RULES firing now, or None if there is no /metrics to read."""
+    """Scrape /metrics once: the names of the ALERT_RULES firing now (in the order they are
+    listed), or None if there is no /metrics to read."""
     try:
         status, text = await fetch_json(url + "/metrics")
     except (OSError, TimeoutError):
@@ -758,42 +996,19 @@ async def scrape_alerts(url, history):
     if status != 200 or not isinstance(text, str):
         return None
     metrics = parse_metrics(text)
-    now = time.monotonic()
-    payment = ("dependency", "payment")
+    calls = payment_total(metrics, "dependency_request_duration_seconds_count")
+    fast = payment_total(metrics, "dependency_request_duration_seconds_bucket", ("le", "0.1"))
+    history.append(PaymentCalls(time.monotonic(), calls, fast))
+    return [name for name, fires in ALERT_RULES.items() if fires(metrics, history)]
 
-    def total(name, *labels):
-        return sum(
-            v for (n, pairs), v in metrics.items() if n == name and pairs >= {payment, *labels}
-        )
 
-    history.append(
-        (
-            now,
-            total("dependency_request_duration_seconds_count"),
-            total("dependency_request_duration_seconds_bucket", ("le", "0.1")),
-        )
-    )
-    firing = []
-    older = [h for h in history if h[0] <= now - ALERT_WINDOW_S]
-    # rate() over the window: calls, and calls within 100 ms
-    if older and history[-1][1] > older[-1][1]:
-        calls = history[-1][1] - older[-1][1]
-        fast = history[-1][2] - older[-1][2]
-        if (calls - fast) / calls > 0.1:
-            firing.append("PaymentSlow")
-    if metrics.get(("fulfilment_oldest_event_age_seconds", frozenset()), 0) > 2:
-        firing.append("FulfilmentStuck")
-    if any(
-        n == "circuit_breaker_state" and ("state", "open") in pairs and v == 1
-        for (n, pairs), v in metrics.items()
-    ):
-        firing.append("CircuitOpen")
-    return firing
+# The first alert rule that fired in a run, and when (s into the run).
+Alert = collections.namedtuple("Alert", "rule at_s")
 
 
 class Run:
-    """One scenario against one target: its plan, and everything measured while it runs (the steps below
-    fill it in: the load, the chaos, the samples, the drain; summarise() reads it)."""
+    """One scenario against one target: its plan, and everything measured while it runs (the steps
+    below fill it in: the load, the chaos, the samples, the drain; summarise() reads it)."""
 
     def __init__(
         self, target, scenario_name, capacity_rps, quick, seed, duration_s=None, rate_rps=None
@@ -809,17 +1024,15 @@ class Run:
         self.run_id = f"{scenario_name}-{seed}-{os.getpid()}-{int(time.time() * 1000) % 10**8}"
         self.seed = seed
         self.load = None
-        self.before = None
-        self.after = None
-        # ref -> when its 201 came; ref -> when it was sent (s into the run)
-        self.acked = {}
-        self.sent = {}
-        # problems: the run did not do what the scenario says
+        self.stats_before = None  # {role: the simulator's /stats} before the load
+        self.stats_after = None  # {role: its /stats with per-ref counts} after the drain
+        self.acked = {}  # ref -> when its 201 came (s into the run)
+        self.sent = {}  # ref -> when it was sent (s into the run)
         self.samples = []
-        self.problems = []
-        # the target has /metrics; the first alert: (seconds, rule)
-        self.alert = {"metrics": False, "at": None}
-        self.alert_history = []
+        self.problems = []  # the run did not do what the scenario says
+        self.has_metrics = False  # the target serves /metrics (v0.8 on): its alerts are watched
+        self.first_alert = None  # an Alert, once one has fired
+        self.alert_history = []  # PaymentCalls of each scrape
 
 
 async def run_scenario(
@@ -841,14 +1054,14 @@ async def run_scenario(
     run = Run(target, scenario_name, capacity_rps, quick, seed, duration_s, rate_rps)
     loop = asyncio.get_running_loop()
     run.load = Load(run.plan, request_maker(run))
-    run.before = {role: await stats(target, role) for role in ("payment", "shipping")}
+    run.stats_before = {role: await stats(target, role) for role in ("payment", "shipping")}
     for role in ("payment", "shipping"):
         await set_chaos(target, role, {})
     run.load.t0 = loop.time() + 0.05
     driver = asyncio.ensure_future(drive_chaos(run))
     sampling = asyncio.ensure_future(sample(run))
     try:
-        await run.load.run(tick_reporter(run, progress))
+        await run.load.drive(tick_reporter(run, progress))
     finally:
         driver.cancel()
         for role in ("payment", "shipping"):
@@ -857,16 +1070,18 @@ async def run_scenario(
         on_load_done()
     await drain_fulfilment(run, progress)
     sampling.cancel()
-    run.after = {role: await stats(target, role, refs=True) for role in ("payment", "shipping")}
+    refs_bytes = MAX_CONTROL_BYTES + CONTROL_BYTES_PER_REQUEST * len(run.plan)
+    run.stats_after = {
+        role: await stats(target, role, refs=True, max_bytes=refs_bytes)
+        for role in ("payment", "shipping")
+    }
     progress("")
-    result = summarise(run)
-    if run.problems:  # the run did not do what the scenario says: never report it as a pass
-        result["verdict"], result["reasons"] = "fail", run.problems + result["reasons"]
-    return result
+    return summarise(run)
 
 
 def request_maker(run):
-    """What Load asks for each planned request: POST an order (with a ref and a key), or GET a placed one."""
+    """What Load asks for each planned request: POST an order (with a ref and a key), or GET a
+    placed one."""
     orders = urlsplit(run.target.urls["orders"])
     host = orders.hostname
     port = orders.port
@@ -878,8 +1093,8 @@ def request_maker(run):
 
     def make_request(kind):
         if kind == "get" and ids:
-            request = build_request("GET", host, port, f"/orders/{rng.choice(ids)}")
-            return [(host, port, request, lambda s, b: None, False)]
+            message = build_request("GET", host, port, f"/orders/{rng.choice(ids)}")
+            return Request("get", [Attempt(host, port, message, ignore_answer, False)])
         ref = f"{run.run_id}-{next(refs)}"
         run.sent[ref] = loop.time() - run.load.t0
         body = {
@@ -888,7 +1103,7 @@ def request_maker(run):
             "customer": "load",
             "ref": ref,
         }
-        request = build_request("POST", host, port, "/orders", body, {"Idempotency-Key": ref})
+        message = build_request("POST", host, port, "/orders", body, {"Idempotency-Key": ref})
 
         def on_answer(status, data):
             if status == 201:
@@ -899,7 +1114,7 @@ def request_maker(run):
                     except (ValueError, KeyError, TypeError):
                         pass
 
-        return [(host, port, request, on_answer, True)] * (1 + retries)
+        return Request("post", [Attempt(host, port, message, on_answer, True)] * (1 + retries))
 
     return make_request
 
@@ -919,17 +1134,26 @@ async def drive_chaos(run):
                 current[role] = ph[role]
 
 
+def busy_pct(previous, now):
+    """100 x the work done between two readings (work, time), per unit of time; None without two
+    readings that time separates."""
+    if previous is None or now is None or previous[0] is None or now[0] is None:
+        return None
+    if now[1] <= previous[1]:
+        return None
+    return round(100 * (now[0] - previous[0]) / (now[1] - previous[1]))
+
+
 async def sample(run):
-    """Every SAMPLE_EVERY_S: the orders process (threads, memory, CPU), the machine's CPU, the simulators'
-    queues and shipments, and the alert rules on /metrics where there is one."""
+    """Every SAMPLE_EVERY_S: the orders process (threads, memory, CPU), the machine's CPU, the
+    simulators' queues and shipments, and the alert rules on /metrics where there is one."""
     loop = asyncio.get_running_loop()
     target = run.target
-    before = run.before
-    cpu_before = cpu_times()
-    orders_before = (None, None)
-    try:
-        # from v0.8 on
-        run.alert["metrics"] = (await fetch_json(target.urls["orders"] + "/metrics"))[0] == 200
+    shipped_before = (run.stats_before["shipping"] or {}).get("unique_refs")
+    machine_before = cpu_times()
+    orders_before = None
+    try:  # /metrics exists from v0.8 on
+        run.has_metrics = (await fetch_json(target.urls["orders"] + "/metrics"))[0] == 200
     except (OSError, TimeoutError):
         pass
     while True:
@@ -937,39 +1161,34 @@ async def sample(run):
         pay = await stats(target, "payment")
         ship = await stats(target, "shipping")
         threads, rss, orders_cpu_s = target.process_sample()
-        orders_cpu = None  # % of one core, the orders process alone
-        if orders_cpu_s is not None and orders_before[0] is not None and t > orders_before[1]:
-            orders_cpu = round(100 * (orders_cpu_s - orders_before[0]) / (t - orders_before[1]))
-        orders_before = (orders_cpu_s, t)
-        cpu_now = cpu_times()
-        cpu_pct = None
-        if cpu_before and cpu_now and cpu_now[0] > cpu_before[0]:  # machine busy %, all cores = 100
-            cpu_pct = round(100 * (1 - (cpu_now[1] - cpu_before[1]) / (cpu_now[0] - cpu_before[0])))
-        cpu_before = cpu_now
+        machine_now = cpu_times()
         run.samples.append(
             {
                 "t": t,
                 "threads": threads,
                 "rss_mb": rss,
-                "cpu_pct": cpu_pct,
-                "orders_cpu_pct": orders_cpu,
-                "shipped": ship["unique_refs"] - before["shipping"]["unique_refs"]
-                if ship and before["shipping"]
+                "cpu_pct": busy_pct(machine_before, machine_now),  # all cores = 100
+                "orders_cpu_pct": busy_pct(orders_before, (orders_cpu_s, t)),  # one core = 100
+                "shipped": ship["unique_refs"] - shipped_before
+                if ship and shipped_before is not None
                 else None,
                 "payment_queue": pay["queue_depth"] if pay else None,
                 "held_open": pay["held_open"] if pay else None,
+                "capacity_rps": capacity_of(pay, None) if pay else None,  # workers may change
             }
         )
-        # in every scenario: a false alarm counts too
-        if run.alert["at"] is None and run.alert["metrics"]:
+        machine_before = machine_now
+        orders_before = (orders_cpu_s, t)
+        # watched in every scenario: a false alarm counts too
+        if run.has_metrics and run.first_alert is None:
             firing = await scrape_alerts(target.urls["orders"], run.alert_history)
             if firing:
-                run.alert["at"] = (t, firing[0])
+                run.first_alert = Alert(firing[0], t)
         await asyncio.sleep(SAMPLE_EVERY_S)
 
 
 def tick_reporter(run, progress):
-    """Load.run's on_tick: the live progress line, at most twice a second."""
+    """Load.drive's on_tick: the live progress line, at most twice a second."""
     total_s = run.phases[-1]["end"]
     shown = [0.0]
 
@@ -986,10 +1205,11 @@ def tick_reporter(run, progress):
 
 
 async def drain_fulfilment(run, progress):
-    """Give fulfilment time to ship what was acknowledged before ground truth is read: until all of it
-    has shipped, nothing more has shipped for DRAIN_IDLE_S, or 4 s (quick; else 10 s) have passed."""
+    """Give fulfilment time to ship what was acknowledged before ground truth is read: until all
+    of it has shipped, nothing more has shipped for DRAIN_IDLE_S, or 4 s (quick; else 10 s) have
+    passed."""
     loop = asyncio.get_running_loop()
-    before = run.before["shipping"]
+    before = run.stats_before["shipping"]
     deadline = loop.time() + (4 if run.quick else 10)
     shipped = None
     moved_at = loop.time()
@@ -1007,8 +1227,8 @@ async def drain_fulfilment(run, progress):
         await asyncio.sleep(0.05)
 
 
-def capacity_of(payment_stats):
-    """C from payment's /stats when it is a sane number, else the default: a /stats answer must
+def capacity_of(payment_stats, default=DEFAULT_CAPACITY_RPS):
+    """C from payment's /stats when it is a sane number, else `default`: a /stats answer must
     not be able to size a load past the limits the command line is held to."""
     value = (payment_stats or {}).get("capacity_rps")
     if (
@@ -1017,7 +1237,7 @@ def capacity_of(payment_stats):
         and 0 < value <= MAX_CAPACITY_RPS
     ):
         return value
-    return DEFAULT_CAPACITY_RPS
+    return default
 
 
 def make_progress(enabled):
@@ -1032,61 +1252,63 @@ def make_progress(enabled):
 
 
 async def run_all(args, out):
-    """Every planned cell (version x scenario) in turn, on fresh processes; then the matrix, which is printed
-    even after Ctrl-C for what was measured, and for one --target, the three lines of its story."""
-    runs = plan_runs(args)  # parse_args has already refused anything this would raise on
-    progress = make_progress(sys.stderr.isatty())
+    """Every planned cell (version x scenario) in turn, on fresh processes; then the matrix, which
+    is printed even after Ctrl-C for what was measured, and for one --target, the three lines of
+    its story."""
+    planned = plan_cells(args)  # parse_args has already refused anything this would raise on
     if args.probe:
-        target = Target.spawn(runs[0][0], args.seed)
-        try:
-            capacity = args.capacity or capacity_of(await stats(target, "payment"))
-            return [await probe(target, capacity, args.quick, out, args.rate)]
-        finally:
-            target.stop()
-    results = []
-    cells = [(path, name) for path, names in runs for name in names]
+        return [await run_probe(args, planned[0][0], out)]
+    cells = [(path, name) for path, names in planned for name in names]
+    progress = make_progress(sys.stderr.isatty())
     started = time.monotonic()
+    results = []
     spawner = Spawner(args.seed)
     try:
         for done, (path, name) in enumerate(cells):
-
-            def cell_progress(text, done=done):
-                elapsed = time.monotonic() - started
-                left = (
-                    f" · ~{elapsed / done * (len(cells) - done) / 60:.0f} min left" if done else ""
-                )
-                progress(
-                    f"[{done + 1}/{len(cells)} · {elapsed / 60:.0f} min{left}] {text}"
-                    if text
-                    else ""
-                )
-
             following = cells[done + 1][0] if done + 1 < len(cells) else None
+            cell_progress = progress_of_cell(progress, done, len(cells), started)
             result = await run_cell(args, path, name, cell_progress, out, spawner, following)
             if result:
                 results.append(result)
     finally:  # Ctrl-C too: the matrix of what was measured
         await spawner.close()
-        if results and (len(runs) > 1 or args.compare):
+        if results and (len(planned) > 1 or args.compare):
             print_matrix(results, out)
     if args.target and results:
         print_story(results, out)
     return results
 
 
+def progress_of_cell(progress, done, cells, started):
+    """The progress line of one cell: which of how many, the time so far, an estimate of what is
+    left."""
+
+    def cell_progress(text):
+        if not text:
+            return progress("")
+        elapsed = time.monotonic() - started
+        left = f" · ~{elapsed / done * (cells - done) / 60:.0f} min left" if done else ""
+        progress(f"[{done + 1}/{cells} · {elapsed / 60:.0f} min{left}] {text}")
+
+    return cell_progress
+
+
+async def run_probe(args, path, out):
+    """--probe: start the version, measure its dependencies directly, stop it."""
+    target = Target.spawn(path, args.seed)
+    try:
+        capacity = args.capacity or capacity_of(await stats(target, "payment"))
+        return await probe(target, capacity, args.quick, out, args.rate)
+    finally:
+        await target.stop_in_thread()
+
+
 async def run_cell(args, path, name, progress, out, spawner, following=None):
-    """One scenario on one version (or the --url target), printed; an untrusted run is run once more.
-    The version of the cell `following` this one is started while this one drains."""
+    """One scenario on one version (or the --url target), printed; an untrusted run is run once
+    more, and the second one's verdict stands. The version of the cell `following` this one is
+    started while this one drains."""
     if args.url:
-        urls = {"orders": args.url.rstrip("/")}
-        urls.update(
-            {
-                k: v.rstrip("/")
-                for k, v in (("payment", args.payment_url), ("shipping", args.shipping_url))
-                if v
-            }
-        )
-        target = Target(urls["orders"], urls)
+        target = attached_target(args)
         faulty = any(p["payment"] or p["shipping"] for p in SCENARIOS[name]["phases"])
         if faulty and not (args.payment_url and args.shipping_url):
             out.write(f"\n== {name}: skipped: its faults need --payment-url and --shipping-url\n")
@@ -1095,32 +1317,44 @@ async def run_cell(args, path, name, progress, out, spawner, following=None):
         if not args.url:
             target = await spawner.take(path)
         try:
-            # C: --capacity, else what payment says. --rate, if given, sets the offered load instead.
-            capacity = args.capacity or capacity_of(await stats(target, "payment"))
-            problem = plan_problem(
-                name, SCENARIOS[name], capacity, args.quick, args.duration, args.rate
-            )
-            if problem:  # C read from /stats can differ from the default parse_args checked with
-                raise SystemExit(f"refusing to run: {problem}")
-            result = await run_scenario(
-                target,
-                name,
-                capacity,
-                args.quick,
-                args.seed,
-                progress,
-                args.duration,
-                rate_rps=args.rate,
-                on_load_done=lambda: spawner.prepare(following),
-            )
+            result = await run_scenario_on(args, target, name, progress, spawner, following)
         finally:
             if target.proc:
-                target.stop()
+                await target.stop_in_thread()
         print_run(result, out)
         out.flush()
         if result["verdict"] != "untrusted" or attempt == 2:
             return result
         out.write("   (untrusted: running it once more)\n")
+
+
+def attached_target(args):
+    """The --url target, with the simulators' URLs where they were given."""
+    urls = {"orders": args.url.rstrip("/")}
+    for role, url in (("payment", args.payment_url), ("shipping", args.shipping_url)):
+        if url:
+            urls[role] = url.rstrip("/")
+    return Target(urls["orders"], urls)
+
+
+async def run_scenario_on(args, target, name, progress, spawner, following):
+    """run_scenario with the command line's settings, C read from payment unless --capacity."""
+    # C: --capacity, else what payment says. --rate, if given, sets the offered load instead.
+    capacity = args.capacity or capacity_of(await stats(target, "payment"))
+    problem = plan_problem(name, SCENARIOS[name], capacity, args.quick, args.duration, args.rate)
+    if problem:  # C read from /stats can differ from the default parse_args checked with
+        raise SystemExit(f"refusing to run: {problem}")
+    return await run_scenario(
+        target,
+        name,
+        capacity,
+        args.quick,
+        args.seed,
+        progress,
+        args.duration,
+        rate_rps=args.rate,
+        on_load_done=lambda: spawner.prepare(following),
+    )
 
 
 # === GROUND TRUTH AND VERDICT ===
@@ -1136,176 +1370,282 @@ def percentile(values, q):
     return ordered[max(0, rank - 1)]
 
 
+LATENCY_PERCENTILES = {"p50": 50, "p90": 90, "p99": 99, "p999": 99.9, "max": 100}
+
+
 def latency_summary(latencies_s):
-    return {
-        name: None
-        if percentile(latencies_s, q) is None
-        else round(percentile(latencies_s, q) * 1000, 1)
-        for name, q in (("p50", 50), ("p90", 90), ("p99", 99), ("p999", 99.9), ("max", 100))
-    }
+    """{p50, p90, p99, p999, max} in ms (None for no latencies)."""
+    return {name: to_ms(percentile(latencies_s, q)) for name, q in LATENCY_PERCENTILES.items()}
+
+
+# A figure reads requests on one of three clocks, each in seconds into the run: when a request was
+# meant to leave (intended_at: the schedule), when it actually left (intended_at + its lag; the
+# orders sent in a fault are counted on it), and when its answer came (answered_at).
+
+
+def intended_at(record):
+    """When it was meant to leave (the schedule): latency, the timeline and what users asked for."""
+    return record.intended
+
+
+def answered_at(record):
+    """When its answer came (or its client gave up): what was served while a fault lasted."""
+    return record.intended + record.latency
 
 
 def summarise(run):
-    """Everything a run measured, the figures the checks use, and the verdict."""
-    target = run.target
-    scenario_name = run.name
-    load = run.load
-    phases = run.phases
-    capacity_rps = run.capacity_rps
-    acked = run.acked
-    sent = run.sent
-    samples = run.samples
-    before = run.before
-    after = run.after
-    alert = run.alert
-    scenario = run.scenario
-    recs = load.records
-    run_id = run.run_id
-    fault = [p for p in phases if p["fault"]]
-    fault_start = fault[0]["start"] if fault else None
-    fault_end = fault[-1]["end"] if fault else None
-    ok = [r for r in recs if r.outcome == "ok"]
-    counts = {o: sum(1 for r in recs if r.outcome == o) for o in OUTCOMES}
-    counts["sent"] = len(recs) - counts["capped"]
-    counts["attempts"] = sum(r.attempts for r in recs if r.kind == "post")
-    total_s = phases[-1]["end"]
+    """Everything a run measured, the figures its checks read, and its verdict."""
+    records = run.load.records
+    total_s = run.phases[-1]["end"]
+    window = fault_window(run.phases)
+    timeline = build_timeline(records, total_s, run.phases, run.samples, run.acked)
+    # orders sent during the fault, on the clock of request_maker: when each POST actually left
+    fault_refs = {ref for ref, t in run.sent.items() if window and window[0] <= t < window[1]}
+    truth = ground_truth(
+        run.stats_before, run.stats_after, run.run_id, run.acked, fault_refs, timeline
+    )
     figures = {
-        "offered_rps": round(len(recs) / total_s, 1),
-        "goodput_rps": round(len(ok) / total_s, 1),
-        "capacity_rps": capacity_rps,
+        **load_figures(records, total_s, run.capacity_rps),
+        **fault_figures(records, window, run.capacity_rps),
+        **read_figures(records, window),
+        "recovery_s": recovery_time(timeline, window[1]) if window else None,
+        **{name: value for name, value in truth.items() if not isinstance(value, dict)},
+        **process_figures(run.samples),
+        **alert_figures(run, records, total_s),
+        "schedule_lag_p99_ms": schedule_lag_p99_ms(records),
+        **phase_figures(records, run.phases, run.capacity_rps, run.samples),
     }
-    lat = latency_summary([r.latency for r in ok])
-    figures.update({f"{k}_ms": v for k, v in lat.items()})
-    bad = [r for r in recs if r.outcome not in ("ok", "shed", "4xx")]
-    figures["error_pct"] = round(100 * len(bad) / max(1, len(recs)), 2)
-    figures["timeouts"] = counts["timeout"]
-    figures["shed_p99_ms"] = _ms(percentile([r.latency for r in recs if r.outcome == "shed"], 99))
-    in_fault = [r for r in recs if fault and fault_start <= r.intended < fault_end]
-    if fault:
-        # by completion time
-        done_in_fault = [r for r in ok if fault_start <= r.intended + r.latency < fault_end]
-        figures["fault_goodput_x"] = round(
-            len(done_in_fault) / (fault_end - fault_start) / capacity_rps, 2
-        )
-        late = [r for r in recs if fault_start <= r.intended]
-        figures["goodput_pct"] = round(
-            100 * sum(1 for r in late if r.outcome == "ok") / max(1, len(late)), 1
-        )
-        second_half = [
-            r for r in in_fault if r.kind == "post" and r.intended >= (fault_start + fault_end) / 2
-        ]
-        figures["fault_post_p50_ms"] = _ms(percentile([r.latency for r in second_half], 50))
-    # Reads from the fault's second half on: a breaker's first half-second of learning is not what it is for.
-    gets = [
-        r
-        for r in recs
-        if r.kind == "get" and (not fault or r.intended >= (fault_start + fault_end) / 2)
-    ]
-    if gets:
-        figures["get_error_pct"] = round(
-            100 * sum(1 for r in gets if r.outcome != "ok") / len(gets), 2
-        )
-        figures["get_p99_ms"] = _ms(percentile([r.latency for r in gets if r.outcome == "ok"], 99))
-    timeline = build_timeline(recs, total_s, phases, samples, acked)
-    figures["recovery_s"] = recovery_time(timeline, fault_end) if fault else None
-    fault_refs = {ref for ref, t in sent.items() if fault and fault_start <= t < fault_end}
-    truth = ground_truth(before, after, run_id, acked, fault_refs, timeline)
-    figures.update({k: v for k, v in truth.items() if not isinstance(v, dict)})
-    threads = [s["threads"] for s in samples if s["threads"]]
-    rss = [s["rss_mb"] for s in samples if s["rss_mb"]]
-    figures["peak_threads"] = max(threads) if threads else None
-    cpu = [s["cpu_pct"] for s in samples if s["cpu_pct"] is not None]
-    # is capacity set by the simulators, not the CPU?
-    figures["machine_cpu_p90_pct"] = percentile(cpu, 90)
-    figures["orders_cpu_p90_pct"] = percentile(
-        [
-            s["orders_cpu_pct"]
-            for s in samples
-            # 100 = one core
-            if s["orders_cpu_pct"] is not None
-        ],
-        90,
-    )
-    figures["peak_rss_mb"] = round(max(rss), 1) if rss else None
-    # "none": /metrics read and no alert (no false alarm); None: no /metrics to read
-    alert_at = alert["at"]
-    figures["first_alert"] = (
-        f"{alert_at[1]} at {alert_at[0]:.1f} s"
-        if alert_at
-        else "none"
-        if alert["metrics"]
-        else None
-    )
-    # the warning lead time: from the first alert to the first error a user sees
-    if scenario_name == "early-warning":
-        first_error = min((r.intended for r in recs if r.outcome != "ok"), default=total_s)
-        figures["alert_lead_s"] = None if alert_at is None else round(first_error - alert_at[0], 2)
-    lags = [r.lag for r in recs if r.outcome != "capped"]
-    figures["schedule_lag_p99_ms"] = _ms(percentile(lags, 99))
-    verdict, reasons = distrust(*judge(scenario, figures), figures["schedule_lag_p99_ms"])
+    verdict, reasons = decide(run.scenario, figures, run.problems)
     return {
-        "target": target.name,
-        "scenario": scenario_name,
+        "target": run.target.name,
+        "scenario": run.name,
         "verdict": verdict,
         "reasons": reasons,
-        "latency_ms": lat,
-        "counts": counts,
+        "latency_ms": {name: figures[f"{name}_ms"] for name in LATENCY_PERCENTILES},
+        "counts": outcome_counts(records),
         "ground_truth": truth,
         "recovery_s": figures["recovery_s"],
         "figures": figures,
-        "decisive": scenario["decisive"],
+        "decisive": run.scenario["decisive"],
         "phases": [
             {
                 k: p[k]
                 for k in ("name", "start", "end", "load", "rps", "payment", "shipping", "fault")
             }
-            for p in phases
+            for p in run.phases
         ],
         "timeline": timeline,
     }
 
 
-def _ms(seconds):
+def fault_window(phases):
+    """(start, end) of the fault phases, in seconds into the run; None for a run without one."""
+    faulty = [p for p in phases if p["fault"]]
+    return (faulty[0]["start"], faulty[-1]["end"]) if faulty else None
+
+
+def outcome_counts(records):
+    """How many requests ended in each outcome, how many were sent, and how many attempts the
+    POSTs took (a retrying client makes several)."""
+    counts = dict.fromkeys(OUTCOMES, 0)
+    for r in records:
+        counts[r.outcome] += 1
+    counts["sent"] = len(records) - counts["capped"]
+    counts["attempts"] = sum(r.attempts for r in records if r.kind == "post")
+    return counts
+
+
+def load_figures(records, total_s, capacity_rps):
+    """The whole run: offered and served rates, latency of successes, errors, shedding."""
+    ok = [r for r in records if r.outcome == "ok"]
+    failed = [r for r in records if r.outcome not in ("ok", "shed", "4xx")]
+    shed = [r.latency for r in records if r.outcome == "shed"]
+    latency = latency_summary([r.latency for r in ok])
+    return {
+        "offered_rps": round(len(records) / total_s, 1),
+        "goodput_rps": round(len(ok) / total_s, 1),
+        "capacity_rps": capacity_rps,
+        **{f"{name}_ms": value for name, value in latency.items()},
+        "error_pct": round(100 * len(failed) / max(1, len(records)), 2),
+        "timeouts": sum(1 for r in records if r.outcome == "timeout"),
+        "bad_answers": sum(1 for r in records if r.outcome == "bad answer"),
+        "shed_p99_ms": to_ms(percentile(shed, 99)),
+    }
+
+
+def fault_figures(records, window, capacity_rps):
+    """The fault window: what was served while it lasted (a multiple of C, by answer time), the
+    share of requests meant to leave from its start on that succeeded, and the POST p50 of its
+    second half (a breaker's first calls of an outage are not what it is judged on)."""
+    if window is None:
+        return {}
+    start, end = window
+    middle = (start + end) / 2
+    served = [r for r in records if r.outcome == "ok" and start <= answered_at(r) < end]
+    from_start = [r for r in records if start <= intended_at(r)]
+    succeeded = sum(1 for r in from_start if r.outcome == "ok")
+    late_posts = [r.latency for r in records if r.kind == "post" and middle <= intended_at(r) < end]
+    return {
+        "fault_goodput_x": round(len(served) / (end - start) / capacity_rps, 2),
+        "goodput_pct": round(100 * succeeded / max(1, len(from_start)), 1),
+        "fault_post_p50_ms": to_ms(percentile(late_posts, 50)),
+    }
+
+
+def read_figures(records, window):
+    """GET /orders/<id>: errors and p99, from the fault's second half on (a breaker's first
+    half-second of learning is not what it is for), or over the whole run without a fault."""
+    since = (window[0] + window[1]) / 2 if window else 0.0
+    gets = [r for r in records if r.kind == "get" and since <= intended_at(r)]
+    if not gets:
+        return {}
+    failed = sum(1 for r in gets if r.outcome != "ok")
+    return {
+        "get_error_pct": round(100 * failed / len(gets), 2),
+        "get_p99_ms": to_ms(percentile([r.latency for r in gets if r.outcome == "ok"], 99)),
+    }
+
+
+def process_figures(samples):
+    """The orders process and the machine, from the samples: is capacity set by the simulators,
+    not by the CPU?"""
+    threads = [s["threads"] for s in samples if s["threads"]]
+    rss = [s["rss_mb"] for s in samples if s["rss_mb"]]
+    machine_cpu = [s["cpu_pct"] for s in samples if s["cpu_pct"] is not None]
+    orders_cpu = [s["orders_cpu_pct"] for s in samples if s["orders_cpu_pct"] is not None]
+    return {
+        "peak_threads": max(threads) if threads else None,
+        "machine_cpu_p90_pct": percentile(machine_cpu, 90),  # 100 = all cores
+        "orders_cpu_p90_pct": percentile(orders_cpu, 90),  # 100 = one core
+        "peak_rss_mb": round(max(rss), 1) if rss else None,
+    }
+
+
+def phase_figures(records, phases, capacity_rps, samples):
+    """The figures of each judged phase, named figure@phase, of the requests meant to leave in it
+    from its settle_s on: goodput_pct (successful POSTs/s as a % of min(POSTs offered/s, the
+    capacity payment had then)), p99_x (the accepted POSTs' p99 / the base phase's: what a
+    healthy system keeps at any capacity) and shed_p99_ms (p99 of its 429/503 answers, GETs
+    too)."""
+    base = next((p for p in phases if p["base"]), None)
+    base_p99 = percentile(accepted_latencies(in_phase(records, base)), 99) if base else None
+    figures = {}
+    for p in (p for p in phases if p["judged"]):
+        judged = in_phase(records, p)
+        length = p["end"] - p["start"] - p["settle_s"]
+        posts = [r for r in judged if r.kind == "post"]
+        served_rps = sum(1 for r in posts if r.outcome == "ok") / length
+        wanted_rps = min(len(posts) / length, phase_capacity(p, samples, capacity_rps))
+        p99 = percentile(accepted_latencies(judged), 99)
+        shed = [r.latency for r in judged if r.outcome == "shed"]
+        name = p["name"]
+        figures[f"goodput_pct@{name}"] = round(100 * served_rps / wanted_rps, 1) if posts else None
+        figures[f"p99_x@{name}"] = round(p99 / base_p99, 2) if p99 and base_p99 else None
+        figures[f"shed_p99_ms@{name}"] = to_ms(percentile(shed, 99))
+    return figures
+
+
+def in_phase(records, phase):
+    """The requests meant to leave in a phase, from its settle_s on."""
+    start = phase["start"] + phase["settle_s"]
+    return [r for r in records if start <= intended_at(r) < phase["end"]]
+
+
+def accepted_latencies(records):
+    """Latencies of the successful POSTs among `records`."""
+    return [r.latency for r in records if r.kind == "post" and r.outcome == "ok"]
+
+
+def phase_capacity(phase, samples, capacity_rps):
+    """The capacity payment had in a phase: the median of what its /stats said while it lasted;
+    C where nothing was sampled."""
+    sampled = [
+        s["capacity_rps"]
+        for s in samples
+        if phase["start"] <= s["t"] < phase["end"] and s.get("capacity_rps")
+    ]
+    return percentile(sampled, 50) if sampled else capacity_rps
+
+
+def first_alert_figure(run):
+    """The first alert as the figure reads: 'PaymentSlow at 3.2 s'; 'none' where /metrics was
+    watched and no rule fired (no false alarm either); None (n/a) where there is no /metrics."""
+    if not run.has_metrics:
+        return None
+    if run.first_alert is None:
+        return "none"
+    return f"{run.first_alert.rule} at {run.first_alert.at_s:.1f} s"
+
+
+def alert_figures(run, records, total_s):
+    """The first alert, and for a scenario that checks it, the warning's lead: from the first
+    alert to the first error a user saw (seconds; None if no alert fired)."""
+    figures = {"first_alert": first_alert_figure(run)}
+    if "alert_lead_s" in checked_figures(run.scenario):
+        first_error = min((intended_at(r) for r in records if r.outcome != "ok"), default=total_s)
+        alert = run.first_alert
+        figures["alert_lead_s"] = None if alert is None else round(first_error - alert.at_s, 2)
+    return figures
+
+
+def schedule_lag_p99_ms(records):
+    """How late loadtest itself sent its requests (p99, ms): the instrument's own health."""
+    return to_ms(percentile([r.lag for r in records if r.outcome != "capped"], 99))
+
+
+def to_ms(seconds):
     return None if seconds is None else round(seconds * 1000, 1)
 
 
-def build_timeline(recs, total_s, phases, samples, acked):
-    """Per-second buckets by intended send time: offered, ok, shed, errors, p99, and samples."""
+def build_timeline(records, total_s, phases, samples, acked):
+    """Per-second rows by intended send time: offered, ok, shed, errors, p99, and the samples'
+    threads, CPU, payment queue and fulfilment backlog and lag at that second."""
     seconds = int(math.ceil(total_s))
-    buckets = [
-        {"t": s, "offered": 0, "ok": 0, "shed": 0, "errors": 0, "timeouts": 0, "lat": []}
-        for s in range(seconds)
+    timeline = [
+        {"t": t, "offered": 0, "ok": 0, "shed": 0, "errors": 0, "timeouts": 0}
+        for t in range(seconds)
     ]
-    for r in recs:
-        b = buckets[min(int(r.intended), seconds - 1)]
-        b["offered"] += 1
+    latencies = [[] for _ in range(seconds)]  # of the successes meant to leave in each second
+    for r in records:
+        t = min(int(intended_at(r)), seconds - 1)
+        second = timeline[t]
+        second["offered"] += 1
         if r.outcome == "ok":
-            b["ok"] += 1
-            b["lat"].append(r.latency)
+            second["ok"] += 1
+            latencies[t].append(r.latency)
         elif r.outcome == "shed":
-            b["shed"] += 1
+            second["shed"] += 1
         elif r.outcome != "4xx":
-            b["errors"] += 1
-            b["timeouts"] += r.outcome == "timeout"
+            second["errors"] += 1
+            second["timeouts"] += r.outcome == "timeout"
     ack_times = sorted(acked.values())
-    for b in buckets:
-        b["p99_ms"] = _ms(percentile(b.pop("lat"), 99))
-        b["fault"] = any(p["fault"] and p["start"] <= b["t"] < p["end"] for p in phases)
-        inside = [s for s in samples if b["t"] <= s["t"] < b["t"] + 1]
-        last = inside[-1] if inside else {}
-        b["threads"] = max((s["threads"] for s in inside if s["threads"]), default=None)
-        b["cpu_pct"] = max((s["cpu_pct"] for s in inside if s["cpu_pct"] is not None), default=None)
-        b["payment_queue"] = last.get("payment_queue")
-        shipped = last.get("shipped")
-        if shipped is not None:
-            now = last["t"]
-            acked_by_now = sum(1 for t in ack_times if t <= now)
-            b["backlog"] = max(0, acked_by_now - shipped)
-            # fulfilment lag: the age of the oldest acknowledged order not yet shipped (FIFO)
-            b["lag_s"] = round(now - ack_times[shipped], 2) if shipped < acked_by_now else 0.0
-        else:
-            b["backlog"] = b["lag_s"] = None
-    return buckets
+    for second, second_latencies in zip(timeline, latencies):
+        second["p99_ms"] = to_ms(percentile(second_latencies, 99))
+        second["fault"] = any(p["fault"] and p["start"] <= second["t"] < p["end"] for p in phases)
+        second.update(sampled_in(second["t"], samples, ack_times))
+    return timeline
+
+
+def sampled_in(t, samples, ack_times):
+    """What the samples of second t saw: peak threads and CPU, and at its last sample, payment's
+    queue and fulfilment's backlog and lag."""
+    inside = [s for s in samples if t <= s["t"] < t + 1]
+    last = inside[-1] if inside else {}
+    seen = {
+        "threads": max((s["threads"] for s in inside if s["threads"]), default=None),
+        "cpu_pct": max((s["cpu_pct"] for s in inside if s["cpu_pct"] is not None), default=None),
+        "payment_queue": last.get("payment_queue"),
+        "backlog": None,
+        "lag_s": None,
+    }
+    shipped = last.get("shipped")
+    if shipped is not None:
+        now = last["t"]
+        acked_by_now = sum(1 for t in ack_times if t <= now)
+        seen["backlog"] = max(0, acked_by_now - shipped)
+        # fulfilment lag: the age of the oldest acknowledged order not yet shipped (FIFO)
+        seen["lag_s"] = round(now - ack_times[shipped], 2) if shipped < acked_by_now else 0.0
+    return seen
 
 
 def recovery_time(timeline, fault_end):
@@ -1326,40 +1666,42 @@ def recovery_time(timeline, fault_end):
     return None if good_from is None else max(0, good_from - fault_end)
 
 
-def per_order(by_ref, refs):
+def mean_per_order(by_ref, refs):
     """Mean of a per-ref count over the orders that reached the dependency (None if none did)."""
     reached = [by_ref[ref] for ref in refs if ref in by_ref]
     return round(sum(reached) / len(reached), 2) if reached else None
 
 
-def ground_truth(before, after, run_id, acked, fault_refs, timeline):
-    """Duplicates, lost and orphan orders, amplification and zombie work, from the simulators' /stats."""
-    pay = after.get("payment")
-    ship = after.get("shipping")
+def ground_truth(stats_before, stats_after, run_id, acked, fault_refs, timeline):
+    """Duplicates, lost and orphan orders, amplification and zombie work, from the simulators'
+    /stats before the load and after the drain."""
+    pay = stats_after.get("payment")
+    ship = stats_after.get("shipping")
+    pay_before = stats_before.get("payment")
+    ship_before = stats_before.get("shipping")
     truth = {}
-    if pay and before.get("payment"):
+    if pay and pay_before:
         charged = {ref: n for ref, n in pay.get("refs", {}).items() if ref.startswith(run_id)}
         truth["duplicate_charges"] = sum(1 for n in charged.values() if n > 1)
         # charged, but told it failed
         truth["orphan_charges"] = sum(1 for ref in charged if ref not in acked)
-        truth["payment_calls"] = pay["calls"] - before["payment"]["calls"]
+        truth["payment_calls"] = pay["calls"] - pay_before["calls"]
         calls = {ref: n for ref, n in pay.get("calls_by_ref", {}).items() if ref.startswith(run_id)}
         work = {ref: pay.get("work_by_ref", {}).get(ref, 0) for ref in calls}
-        # Amplification is work: calls that took one of payment's worker slots (zombie work included), per
-        # order that reached payment. Cheap refusals (a 409 "in flight", a replayed answer) are calls, not work.
-        truth["amplification"] = per_order(work, calls)
-        truth["fault_amplification"] = per_order(work, fault_refs & set(calls))
-        truth["calls_per_order"] = per_order(calls, calls)
-        truth["zombie_work"] = pay["zombie"] - before["payment"]["zombie"]
+        # Amplification is work: calls that took one of payment's worker slots (zombie work
+        # included), per order that reached payment. Cheap refusals (a 409 "in flight", a replayed
+        # answer) are calls, not work.
+        truth["amplification"] = mean_per_order(work, calls)
+        truth["fault_amplification"] = mean_per_order(work, fault_refs & set(calls))
+        truth["calls_per_order"] = mean_per_order(calls, calls)
+        truth["zombie_work"] = pay["zombie"] - pay_before["zombie"]
         truth["held_open_after"] = pay["held_open"]
         truth["payment_queue_peak"] = pay["queue_peak"]
-    if ship and before.get("shipping"):
+    if ship and ship_before:
         shipped = {ref: n for ref, n in ship.get("refs", {}).items() if ref.startswith(run_id)}
         truth["duplicate_orders"] = sum(1 for n in shipped.values() if n > 1)
         truth["lost_orders"] = sum(1 for ref in acked if ref not in shipped)
-        truth["zombie_work"] = (
-            truth.get("zombie_work", 0) + ship["zombie"] - before["shipping"]["zombie"]
-        )
+        truth["zombie_work"] = truth.get("zombie_work", 0) + ship["zombie"] - ship_before["zombie"]
         backlogs = [b["backlog"] for b in timeline if b["backlog"] is not None]
         lags = [b["lag_s"] for b in timeline if b["lag_s"] is not None]
         truth["backlog_max"] = max(backlogs) if backlogs else None
@@ -1367,48 +1709,82 @@ def ground_truth(before, after, run_id, acked, fault_refs, timeline):
     return truth
 
 
-def distrust(verdict, reasons, lag_ms):
-    """An overloaded instrument must not judge: a run whose own schedule lag p99 is over UNTRUSTED_LAG_MS
-    measured the machine, not the target, so it gets no verdict (run_all runs it once more)."""
-    if lag_ms is None or lag_ms <= UNTRUSTED_LAG_MS:
-        return verdict, reasons
-    return "untrusted", [
-        f"loadtest ran {lag_ms:,.0f} ms behind its own schedule (p99 > "
-        f"{UNTRUSTED_LAG_MS} ms): the machine was too busy to measure this target"
-    ] + reasons
+def decide(scenario, figures, problems):
+    """A run's verdict and its reasons, decided here and nowhere else. 'fail' when the run did not
+    do what its scenario says (a fault that was never set is never a pass) or the target broke
+    HTTP (any bad answer, whatever the checks say); else 'untrusted' when loadtest fell behind its
+    own schedule (a lag p99 over UNTRUSTED_LAG_MS measured the machine, not the target; run_cell
+    runs it once more); else what the checks say."""
+    passed, reasons = judge(scenario, figures)
+    bad_answers = figures.get("bad_answers") or 0
+    if bad_answers:
+        problems = problems + [
+            f"{bad_answers:,} bad answers: the target broke HTTP (no status line, a Content-Length "
+            f"that is not a number, over {MAX_ANSWER_BYTES:,} bytes, or cut short)"
+        ]
+    lag_ms = figures.get("schedule_lag_p99_ms")
+    lagged = lag_ms is not None and lag_ms > UNTRUSTED_LAG_MS
+    if lagged:
+        reasons = [
+            f"loadtest ran {lag_ms:,.0f} ms behind its own schedule (p99 > "
+            f"{UNTRUSTED_LAG_MS} ms): the machine was too busy to measure this target"
+        ] + reasons
+    if problems:
+        return "fail", problems + reasons
+    if lagged:
+        return "untrusted", reasons
+    return ("pass" if passed else "fail"), reasons
+
+
+# What a check makes of a figure that could not be measured: whether that passes, and why.
+Unmeasured = collections.namedtuple("Unmeasured", "passes why")
+UNMEASURED = {
+    "shed_p99_ms": Unmeasured(True, "nothing shed"),  # nothing refused: nothing slow to refuse
+    "recovery_s": Unmeasured(False, "never recovered before the run ended"),
+    "alert_lead_s": Unmeasured(
+        False, "no alert fired (no /metrics, or none of its alert rules fired)"
+    ),
+    "get_p99_ms": Unmeasured(False, "no GET succeeded"),
+    "goodput_pct": Unmeasured(False, "no POST was meant to leave in it"),
+    "p99_x": Unmeasured(False, "no accepted POST here or in the base phase to hold it to"),
+}
+NOT_MEASURABLE = Unmeasured(False, "not measurable here")
+CHECK_OPERATORS = {
+    "<=": lambda value, bound: value <= bound,
+    ">=": lambda value, bound: value >= bound,
+}
 
 
 def judge(scenario, figures):
-    """Apply the scenario's checks; a figure we could not measure fails its check, saying why."""
+    """Apply the scenario's checks: (all passed?, one reason per check)."""
     reasons = []
-    verdict = "pass"
-    ops = {"<=": lambda a, b: a <= b, ">=": lambda a, b: a >= b}
+    passed = True
     for figure, op, bound in scenario["checks"]:
         value = figures.get(figure)
-        if value is None:
-            why = {
-                "recovery_s": "never recovered before the run ended",
-                "alert_lead_s": "no alert fired (no /metrics, or none of its alert rules fired)",
-                "shed_p99_ms": None,
-                "get_p99_ms": "no GET succeeded",
-            }.get(figure, "not measurable here")
-            if why is None:  # nothing was shed: nothing to be slow about
-                reasons.append(f"{figure}: nothing shed (ok)")
-                continue
-            reasons.append(f"{figure}: {why} (needs {op} {bound})")
-            verdict = "fail"
-        elif ops[op](value, bound):
+        if value is None:  # figure@phase: the figure's meaning, in that phase
+            unmeasured = UNMEASURED.get(figure.split("@")[0], NOT_MEASURABLE)
+            if unmeasured.passes:
+                reasons.append(f"{figure}: {unmeasured.why} (ok)")
+            else:
+                reasons.append(f"{figure}: {unmeasured.why} (needs {op} {bound})")
+            passed = passed and unmeasured.passes
+        elif CHECK_OPERATORS[op](value, bound):
             reasons.append(f"{figure} = {value} {op} {bound} (ok)")
         else:
             reasons.append(f"{figure} = {value}, needs {op} {bound}")
-            verdict = "fail"
-    return verdict, reasons
+            passed = False
+    return passed, reasons
+
+
+def checked_figures(scenario):
+    """The figures a scenario's checks read."""
+    return [figure for figure, _, _ in scenario["checks"]]
 
 
 # === REPORTS ===
 
 
-def fmt(value, unit=""):
+def show(value, unit=""):
     if value is None:
         return "n/a"
     if isinstance(value, float):
@@ -1418,86 +1794,126 @@ def fmt(value, unit=""):
 
 def print_run(result, out=sys.stdout):
     """The per-run report: latency, outcomes, ground truth, timeline strip, verdict."""
-    f = result["figures"]
-    c = result["counts"]
-    lat = result["latency_ms"]
-    mark = result["verdict"].upper()  # PASS, FAIL or UNTRUSTED
-    w = out.write
-    w(
-        f"\n== {result['target']} · {result['scenario']} · {SCENARIOS[result['scenario']]['about']}\n"
+    figures = result["figures"]
+    counts = result["counts"]
+    latency = result["latency_ms"]
+    write = out.write
+    about = SCENARIOS[result["scenario"]]["about"]
+    write(f"\n== {result['target']} · {result['scenario']} · {about}\n")
+    write(
+        f"   offered {show(figures['offered_rps'])} req/s"
+        f" · goodput {show(figures['goodput_rps'])} req/s"
+        f" · capacity C = {show(figures['capacity_rps'])} req/s\n"
     )
-    w(
-        f"   offered {fmt(f['offered_rps'])} req/s · goodput {fmt(f['goodput_rps'])} req/s · "
-        f"capacity C = {fmt(f['capacity_rps'])} req/s\n"
-    )
-    w(
+    write(
         "   latency of successes (ms)   "
-        + "  ".join(f"{k} {fmt(lat[k])}" for k in ("p50", "p90", "p99", "p999", "max"))
+        + "  ".join(f"{name} {show(latency[name])}" for name in LATENCY_PERCENTILES)
         + "\n"
     )
-    w(
+    shown = [o for o in OUTCOMES if counts[o] or o in ("ok", "shed", "timeout")]
+    write(
         "   outcomes   "
-        + "  ".join(f"{k} {c[k]}" for k in OUTCOMES if c[k] or k in ("ok", "shed", "timeout"))
-        + f"   (attempts {c['attempts']})\n"
+        + "  ".join(f"{o} {counts[o]}" for o in shown)
+        + f"   (attempts {counts['attempts']})\n"
     )
-    g = result["ground_truth"]
-    if g:
-        w(
-            f"   ground truth   duplicate charges {fmt(g.get('duplicate_charges'))} · orphan charges "
-            f"{fmt(g.get('orphan_charges'))} · duplicate orders {fmt(g.get('duplicate_orders'))} · lost orders "
-            f"{fmt(g.get('lost_orders'))} · zombie work {fmt(g.get('zombie_work'))} · held open after "
-            f"{fmt(g.get('held_open_after'))}\n"
-            f"   payment work per order (amplification) {fmt(g.get('amplification'))}x, in the fault window "
-            f"{fmt(g.get('fault_amplification'))}x · calls per order (409s too) {fmt(g.get('calls_per_order'))}\n"
-        )
-    else:
-        w("   ground truth   n/a (no simulator URLs: attach mode)\n")
-    w(
-        f"   recovery {fmt(result['recovery_s'], ' s') if result['recovery_s'] is not None else 'n/a'} · "
-        f"peak threads {fmt(f['peak_threads'])} · peak RSS {fmt(f['peak_rss_mb'], ' MiB')} · machine CPU p90 "
-        f"{fmt(f['machine_cpu_p90_pct'], ' %')} (orders p90 {fmt(f['orders_cpu_p90_pct'], ' % of a core')}) · "
-        f"schedule lag p99 {fmt(f['schedule_lag_p99_ms'], ' ms')}\n"
-    )
-    if f.get("first_alert") or "alert_lead_s" in f:  # only a target with /metrics can raise one
-        w(
-            f"   first alert {f.get('first_alert') or 'none (no /metrics)'}"
-            + (
-                f" · warning lead {fmt(f['alert_lead_s'], ' s')} before the first error a user saw"
-                if f.get("alert_lead_s") is not None
-                else ""
-            )
-            + "\n"
-        )
+    write(ground_truth_lines(result["ground_truth"]))
+    write(process_line(result["recovery_s"], figures))
+    write(phase_lines(figures))
+    if figures.get("first_alert") or "alert_lead_s" in figures:  # only /metrics can raise one
+        write(alert_line(figures))
     print_timeline(result["timeline"], out)
-    w(f"   {mark}: " + "; ".join(result["reasons"]) + "\n")
+    # PASS, FAIL or UNTRUSTED
+    write(f"   {result['verdict'].upper()}: " + "; ".join(result["reasons"]) + "\n")
+
+
+def ground_truth_lines(truth):
+    """What the simulators counted: duplicates, lost orders, zombie work, amplification."""
+    if not truth:
+        return "   ground truth   n/a (no simulator URLs: attach mode)\n"
+    return (
+        f"   ground truth   duplicate charges {show(truth.get('duplicate_charges'))}"
+        f" · orphan charges {show(truth.get('orphan_charges'))}"
+        f" · duplicate orders {show(truth.get('duplicate_orders'))}"
+        f" · lost orders {show(truth.get('lost_orders'))}"
+        f" · zombie work {show(truth.get('zombie_work'))}"
+        f" · held open after {show(truth.get('held_open_after'))}\n"
+        f"   payment work per order (amplification) {show(truth.get('amplification'))}x"
+        f", in the fault window {show(truth.get('fault_amplification'))}x"
+        f" · calls per order (409s too) {show(truth.get('calls_per_order'))}\n"
+    )
+
+
+def process_line(recovery_s, figures):
+    """Recovery, the orders process, the machine, and the instrument's own lag."""
+    return (
+        f"   recovery {show(recovery_s, ' s')}"
+        f" · peak threads {show(figures['peak_threads'])}"
+        f" · peak RSS {show(figures['peak_rss_mb'], ' MiB')}"
+        f" · machine CPU p90 {show(figures['machine_cpu_p90_pct'], ' %')}"
+        f" (orders p90 {show(figures['orders_cpu_p90_pct'], ' % of a core')})"
+        f" · schedule lag p99 {show(figures['schedule_lag_p99_ms'], ' ms')}\n"
+    )
+
+
+def phase_lines(figures):
+    """The judged phases' own figures (figure@phase), one line each; nothing for other runs."""
+    phases = {}
+    for key, value in figures.items():
+        if "@" in key:
+            figure, name = key.split("@")
+            phases.setdefault(name, {})[figure] = value
+    return "".join(
+        f"   phase {name:8s} goodput {show(seen.get('goodput_pct'), ' %')} of what it could serve"
+        f" · accepted p99 {show(seen.get('p99_x'), 'x')} the base phase's"
+        f" · shed p99 {show(seen.get('shed_p99_ms'), ' ms')}\n"
+        for name, seen in phases.items()
+    )
+
+
+def alert_line(figures):
+    """The first alert (its figure is None where there is no /metrics) and the warning's lead."""
+    lead = ""
+    if figures.get("alert_lead_s") is not None:
+        lead_s = show(figures["alert_lead_s"], " s")
+        lead = f" · warning lead {lead_s} before the first error a user saw"
+    return f"   first alert {figures.get('first_alert') or 'none (no /metrics)'}{lead}\n"
 
 
 def print_timeline(timeline, out):
-    """One row per second; '#' marks seconds inside the fault window; cpu % is the whole machine's."""
-    w = out.write
+    """One row per second; '#' marks seconds inside the fault window; cpu % is the whole
+    machine's."""
     # p99 when over 1% of users gave up: n/a would hide it
     gave_up = f">{CLIENT_TIMEOUT_S * 1000:,.0f}"
-    w(
-        "    t s     offered    ok  shed  errors    p99 ms  threads  pay.queue  backlog  lag s  cpu %\n"
+    out.write(
+        "    t s     offered    ok  shed  errors    p99 ms"
+        "  threads  pay.queue  backlog  lag s  cpu %\n"
     )
-    for b in timeline:
-        p99 = gave_up if b["timeouts"] > 0.01 * b["offered"] else fmt(b["p99_ms"])
-        w(
-            f"   {b['t']:3d} {'#' if b['fault'] else ' '} {b['offered']:9d} {b['ok']:5d} {b['shed']:5d} {b['errors']:7d}"
-            f" {p99:>9} {fmt(b['threads']):>8} {fmt(b['payment_queue']):>10} {fmt(b['backlog']):>8}"
-            f" {fmt(b['lag_s']):>6} {fmt(b['cpu_pct']):>6}\n"
+    for second in timeline:
+        p99 = gave_up if second["timeouts"] > 0.01 * second["offered"] else show(second["p99_ms"])
+        out.write(
+            f"   {second['t']:3d} {'#' if second['fault'] else ' '} {second['offered']:9d}"
+            f" {second['ok']:5d} {second['shed']:5d} {second['errors']:7d} {p99:>9}"
+            f" {show(second['threads']):>8} {show(second['payment_queue']):>10}"
+            f" {show(second['backlog']):>8} {show(second['lag_s']):>6}"
+            f" {show(second['cpu_pct']):>6}\n"
         )
 
 
+MARKS = {"pass": "✓", "fail": "✗", "untrusted": "?"}
+
+
+def matrix_cell(result):
+    """A run in the matrix: its mark and its decisive figure."""
+    return f"{MARKS[result['verdict']]} {show(result['figures'].get(result['decisive']))}"
+
+
 def print_matrix(results, out=sys.stdout):
-    """Scenarios x versions: pass/fail with the decisive figure (named once, beside the scenario), and a legend."""
+    """Scenarios x versions: pass/fail with the decisive figure (named once, beside the scenario),
+    and a legend."""
     targets = list(dict.fromkeys(r["target"] for r in results))
     scenarios = list(dict.fromkeys(r["scenario"] for r in results))
     decisive = {r["scenario"]: r["decisive"] for r in results}
-    cell = {}
-    for r in results:
-        mark = {"pass": "✓", "fail": "✗"}.get(r["verdict"], "?")
-        cell[(r["scenario"], r["target"])] = f"{mark} {fmt(r['figures'].get(r['decisive']))}"
+    cell = {(r["scenario"], r["target"]): matrix_cell(r) for r in results}
     width = max([len(c) for c in cell.values()] + [len(t) for t in targets]) + 2
     label = (
         max([len(f"{s} ({decisive[s]})") for s in scenarios] + [len("scenario (decisive figure)")])
@@ -1516,13 +1932,14 @@ def print_matrix(results, out=sys.stdout):
             + "\n"
         )
     out.write(
-        "   ✓ pass  ✗ fail  ? untrusted (the machine was too busy to measure)  ·  the same checks for every "
-        "version: python loadtest.py --list\n"
+        "   ✓ pass  ✗ fail  ? untrusted (the machine was too busy to measure)"
+        "  ·  the same checks for every version: python loadtest.py --list\n"
     )
 
 
 def print_story(results, out=sys.stdout):
-    """Three lines that end a version's run: what you saw, why, and what to do next (the course's next step)."""
+    """Three lines that end a version's run: what you saw, why, and what to do next (the course's
+    next step)."""
     name = results[0]["target"]
     fixes, breaks = LADDER.get(name, ([], []))
     shown = next((r for s in breaks + fixes for r in results if r["scenario"] == s), None)
@@ -1536,27 +1953,32 @@ def print_story(results, out=sys.stdout):
         if shown["verdict"] == "pass"
         else "could not judge"
     )
-    out.write(
-        f"\nWhat you saw: {name} {seen} {shown['scenario']} ({figure} {fmt(shown['figures'].get(figure))}).\n"
-    )
+    value = show(shown["figures"].get(figure))
+    out.write(f"\nWhat you saw: {name} {seen} {shown['scenario']} ({figure} {value}).\n")
     if shown["scenario"] in breaks:
         out.write(f"Why: {WHY[shown['scenario']]}.\n")
     else:
         out.write(
-            f"Why: {name} is the step that fixes it; `diff -u` it against its predecessor to see how.\n"
+            f"Why: {name} is the step that fixes it; "
+            "`diff -u` it against its predecessor to see how.\n"
         )
     files = {version_name(p): os.path.basename(p) for p in version_files()}
-    later = [v for v in files if v > name]
+    names = list(files)
+    later = names[names.index(name) + 1 :] if name in names else []
     if later:
         out.write(
-            f"Next: diff -u {files[name]} {files[later[0]]}   then   python loadtest.py --target {later[0]}\n"
+            f"Next: diff -u {files[name]} {files[later[0]]}"
+            f"   then   python loadtest.py --target {later[0]}\n"
         )
     else:
         out.write(
-            "Next: python loadtest.py --compare all --quick --report course.html   (the whole course)\n"
+            "Next: python loadtest.py --compare all --quick --report course.html"
+            "   (the whole course)\n"
         )
 
 
+# Okabe and Ito's palette (its yellow swapped for Tol's wine, readable on white): told apart with
+# every common form of colour blindness; the last version is drawn in black.
 PALETTE = [
     "#0072B2",
     "#E69F00",
@@ -1568,8 +1990,6 @@ PALETTE = [
     "#882255",
     "#000000",
 ]
-# Okabe and Ito's palette (its yellow swapped for Tol's wine, readable on white): told apart with every common
-# form of colour blindness; the last version drawn in black
 
 
 def nice_ceiling(value):
@@ -1579,8 +1999,8 @@ def nice_ceiling(value):
 
 
 def svg_chart(lines, fault, title, unit, width=720, height=230):
-    """One line chart: seconds into the run across, `unit` up, one line per (label, colour, [(t, value)]),
-    the fault window (start, end) shaded, a legend; plain SVG, no script."""
+    """One line chart: seconds into the run across, `unit` up, one line per (label, colour,
+    [(t, value)]), the fault window (start, end) shaded, a legend; plain SVG, no script."""
     left = 58
     right = 14
     top_pad = 40
@@ -1593,7 +2013,8 @@ def svg_chart(lines, fault, title, unit, width=720, height=230):
     y = lambda v: top_pad + (height - top_pad - bottom) * (1 - v / top)  # noqa: E731
     out = [
         f'<svg width="{width}" height="{height}" viewBox="0 0 {width} {height}" role="img" '
-        f'aria-label="{html.escape(title)}"><text x="{left}" y="14" class="title">{html.escape(title)}</text>'
+        f'aria-label="{html.escape(title)}">'
+        f'<text x="{left}" y="14" class="title">{html.escape(title)}</text>'
     ]
     if fault:
         out.append(
@@ -1604,19 +2025,19 @@ def svg_chart(lines, fault, title, unit, width=720, height=230):
     for k in range(5):  # value gridlines and ticks
         v = top * k / 4
         out.append(
-            f'<line x1="{left}" x2="{width - right}" y1="{y(v):.1f}" y2="{y(v):.1f}" stroke="#e3e3e3"/>'
-            f'<text x="{left - 6}" y="{y(v) + 4:.1f}" class="tick" text-anchor="end">{v:,.4g}</text>'
+            f'<line x1="{left}" x2="{width - right}" y1="{y(v):.1f}" y2="{y(v):.1f}" '
+            'stroke="#e3e3e3"/>'
+            f'<text x="{left - 6}" y="{y(v) + 4:.1f}" class="tick" text-anchor="end">'
+            f"{v:,.4g}</text>"
         )
-    step = next((step for step in (1, 2, 5, 10) if t_end <= 10 * step), 10 * math.ceil(t_end / 100))
-    for t in range(0, int(t_end) + 1, step):  # time ticks: about ten, whatever the run's length
-        out.append(
-            f'<text x="{x(t):.1f}" y="{height - bottom + 15}" class="tick" text-anchor="middle">{t}</text>'
-        )
+    out.append(time_ticks(t_end, x, height - bottom + 15))
+    middle = (top_pad + height - bottom) / 2
     out.append(
-        f'<text x="{(left + width - right) / 2:.0f}" y="{height - 6}" class="axis" text-anchor="middle">'
-        f'seconds into the run</text><text x="12" y="{(top_pad + height - bottom) / 2:.0f}" class="axis" '
-        f'text-anchor="middle" transform="rotate(-90 12 {(top_pad + height - bottom) / 2:.0f})">'
-        f'{html.escape(unit)}</text>'
+        f'<text x="{(left + width - right) / 2:.0f}" y="{height - 6}" class="axis" '
+        'text-anchor="middle">seconds into the run</text>'
+        f'<text x="12" y="{middle:.0f}" class="axis" '
+        f'text-anchor="middle" transform="rotate(-90 12 {middle:.0f})">'
+        f"{html.escape(unit)}</text>"
     )
     for i, (label, colour, points) in enumerate(lines):
         path = " ".join(f"{x(t):.1f},{y(v):.1f}" for t, v in points if v is not None)
@@ -1628,75 +2049,101 @@ def svg_chart(lines, fault, title, unit, width=720, height=230):
     return "".join(out) + "</svg>"
 
 
+def time_ticks(t_end, x, y):
+    """The time axis' ticks: about ten, whatever the run's length."""
+    step = next((step for step in (1, 2, 5, 10) if t_end <= 10 * step), 10 * math.ceil(t_end / 100))
+    return "".join(
+        f'<text x="{x(t):.1f}" y="{y}" class="tick" text-anchor="middle">{t}</text>'
+        for t in range(0, int(t_end) + 1, step)
+    )
+
+
+REPORT_STYLE = (
+    "body{font:15px/1.45 system-ui,sans-serif;margin:2em auto;max-width:60em;padding:0 1em;"
+    "color:#222}"
+    "table{border-collapse:collapse;margin:1em 0;font-size:14px} "
+    "th,td{padding:.25em .5em;border:1px solid #ddd;"
+    "text-align:left;font-variant-numeric:tabular-nums;white-space:nowrap} "
+    "td.pass{background:#e6f4ea}"
+    "td.fail{background:#fde8e8} td.untrusted{background:#fff4d6} "
+    "svg{display:block;margin:.6em 0}"
+    "svg .title{font:600 13px system-ui,sans-serif} "
+    "svg .tick{font:11px system-ui,sans-serif;fill:#444}"
+    "svg .axis{font:12px system-ui,sans-serif;fill:#444} .pass{color:#1e7b34} "
+    ".fail{color:#b3261e}"
+    ".untrusted{color:#8a5a00} section{margin-top:2.2em} "
+    "summary{cursor:pointer;margin:.2em 0}"
+)
+
+
 def write_report(results, path):
-    """One self-contained HTML file: the matrix, then per scenario p99 and goodput over time, one line per
-    version, and each run's verdict with its reasons. Inline SVG and CSS, no script, nothing fetched."""
+    """One self-contained HTML file: the matrix, then per scenario p99 and goodput over time, one
+    line per version, and each run's verdict with its reasons. Inline SVG and CSS, no script,
+    nothing fetched."""
     targets = list(dict.fromkeys(r["target"] for r in results))
     scenarios = list(dict.fromkeys(r["scenario"] for r in results))
     colour = {t: PALETTE[i % len(PALETTE)] for i, t in enumerate(targets)}
-    run = {(r["scenario"], r["target"]): r for r in results}
+    result_of = {(r["scenario"], r["target"]): r for r in results}
     head = "".join(f"<th>{html.escape(t)}</th>" for t in targets)
-    rows = []
-    for s in scenarios:
-        cells = []
-        for t in targets:
-            r = run.get((s, t))
-            mark = {"pass": "✓", "fail": "✗"}.get(r["verdict"], "?") if r else ""
-            figure = f" {fmt(r['figures'].get(r['decisive']))}" if r else "–"
-            cells.append(f'<td class="{r["verdict"] if r else ""}">{mark}{figure}</td>')
-        decisive = next(r["decisive"] for r in results if r["scenario"] == s)
-        rows.append(
-            f"<tr><th>{html.escape(s)} <small>{html.escape(decisive)}</small></th>{''.join(cells)}</tr>"
-        )
-    sections = []
-    for s in scenarios:
-        runs = [run[s, t] for t in targets if (s, t) in run]
-        faulty = [b["t"] for b in runs[0]["timeline"] if b["fault"]]
-        fault = (min(faulty), max(faulty) + 1) if faulty else None
-        p99 = [
-            (r["target"], colour[r["target"]], [(b["t"] + 0.5, b["p99_ms"]) for b in r["timeline"]])
-            for r in runs
-        ]
-        ok = [
-            (r["target"], colour[r["target"]], [(b["t"] + 0.5, b["ok"]) for b in r["timeline"]])
-            for r in runs
-        ]
-        verdicts = "".join(
-            f'<details><summary><b>{html.escape(r["target"])}</b> <span class="{r["verdict"]}">'
-            f'{r["verdict"].upper()}</span> · {html.escape(r["decisive"])} '
-            f'{fmt(r["figures"].get(r["decisive"]))}</summary><ul>'
-            + "".join(f"<li>{html.escape(x)}</li>" for x in r["reasons"])
-            + "</ul></details>"
-            for r in runs
-        )
-        about = SCENARIOS[s]["about"] + ("" if SCENARIOS[s]["about"].endswith("?") else ".")
-        sections.append(
-            f'<section><h2>{html.escape(s)}</h2><p>{html.escape(about)} '
-            f'Decisive figure: <code>{html.escape(runs[0]["decisive"])}</code>.</p>'
-            + svg_chart(p99, fault, "p99 latency of successful requests, per second", "ms")
-            + svg_chart(ok, fault, "goodput: successful requests per second", "req/s")
-            + verdicts
-            + "</section>"
-        )
+    rows = [report_row([result_of.get((s, t)) for t in targets]) for s in scenarios]
+    sections = [
+        report_section([result_of[s, t] for t in targets if (s, t) in result_of], colour)
+        for s in scenarios
+    ]
     page = (
         "<!doctype html><meta charset='utf-8'><meta name='viewport' content='width=device-width'>"
-        "<title>Failure-first playground: load test report</title><style>"
-        "body{font:15px/1.45 system-ui,sans-serif;margin:2em auto;max-width:60em;padding:0 1em;color:#222}"
-        "table{border-collapse:collapse;margin:1em 0;font-size:14px} "
-        "th,td{padding:.25em .5em;border:1px solid #ddd;"
-        "text-align:left;font-variant-numeric:tabular-nums;white-space:nowrap} td.pass{background:#e6f4ea}"
-        "td.fail{background:#fde8e8} td.untrusted{background:#fff4d6} svg{display:block;margin:.6em 0}"
-        "svg .title{font:600 13px system-ui,sans-serif} svg .tick{font:11px system-ui,sans-serif;fill:#444}"
-        "svg .axis{font:12px system-ui,sans-serif;fill:#444} .pass{color:#1e7b34} .fail{color:#b3261e}"
-        ".untrusted{color:#8a5a00} section{margin-top:2.2em} summary{cursor:pointer;margin:.2em 0}</style>"
+        f"<title>Failure-first playground: load test report</title><style>{REPORT_STYLE}</style>"
         "<h1>Failure-first playground: load test report</h1>"
-        "<p>✓ pass, ✗ fail, ? untrusted (the machine was too busy to measure), with each scenario's decisive "
-        "figure. The fault window is shaded red; latency is measured from each request's intended send "
+        "<p>✓ pass, ✗ fail, ? untrusted (the machine was too busy to measure), "
+        "with each scenario's decisive figure. "
+        "The fault window is shaded red; latency is measured from each request's intended send "
         "time.</p>"
         f"<table><tr><th>scenario</th>{head}</tr>{''.join(rows)}</table>" + "".join(sections)
     )
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(page)
+    write_output("--report", path, lambda f: f.write(page))
+
+
+def report_row(results):
+    """The matrix row of one scenario: a cell per target (None: not run there)."""
+    scenario = next(r for r in results if r)
+    cells = "".join(
+        f'<td class="{r["verdict"]}">{matrix_cell(r)}</td>' if r else '<td class="">–</td>'
+        for r in results
+    )
+    name = html.escape(scenario["scenario"])
+    return f"<tr><th>{name} <small>{html.escape(scenario['decisive'])}</small></th>{cells}</tr>"
+
+
+def report_section(results, colour):
+    """One scenario: p99 and goodput per second, a line per target, and each run's verdict."""
+    first = results[0]
+    faulty = [second["t"] for second in first["timeline"] if second["fault"]]
+    fault = (min(faulty), max(faulty) + 1) if faulty else None
+
+    def lines(field):
+        return [
+            (r["target"], colour[r["target"]], [(b["t"] + 0.5, b[field]) for b in r["timeline"]])
+            for r in results
+        ]
+
+    verdicts = "".join(
+        f'<details><summary><b>{html.escape(r["target"])}</b> <span class="{r["verdict"]}">'
+        f'{r["verdict"].upper()}</span> · {html.escape(r["decisive"])} '
+        f'{show(r["figures"].get(r["decisive"]))}</summary><ul>'
+        + "".join(f"<li>{html.escape(reason)}</li>" for reason in r["reasons"])
+        + "</ul></details>"
+        for r in results
+    )
+    about = SCENARIOS[first["scenario"]]["about"]
+    about += "" if about.endswith("?") else "."
+    return (
+        f'<section><h2>{html.escape(first["scenario"])}</h2><p>{html.escape(about)} '
+        f'Decisive figure: <code>{html.escape(first["decisive"])}</code>.</p>'
+        + svg_chart(lines("p99_ms"), fault, "p99 latency of successful requests, per second", "ms")
+        + svg_chart(lines("ok"), fault, "goodput: successful requests per second", "req/s")
+        + verdicts
+        + "</section>"
+    )
 
 
 # === CALIBRATE ===
@@ -1708,10 +2155,8 @@ async def responder(kind, host, port):
     loop = asyncio.get_running_loop()
     body = b'{"status": "ok"}'
     answer = (
-        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nConnection: close\r\nContent-Length: "
-        + str(len(body)).encode()
-        + b"\r\n\r\n"
-        + body
+        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nConnection: close\r\n"
+        b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
     )
     t0 = loop.time()
 
@@ -1745,33 +2190,23 @@ async def responder(kind, host, port):
 
 
 def spawn_responder(kind):
-    proc = subprocess.Popen(
-        [sys.executable, os.path.abspath(__file__), "--responder", kind],
-        stdout=subprocess.PIPE,
-        stdin=subprocess.DEVNULL,
-        text=True,
-        start_new_session=True,
-    )
-    target = Target(f"{kind} responder", {}, proc)
-    RUNNING.append(target)
-    if not select.select([proc.stdout], [], [], 10)[0]:
-        raise SystemExit(f"the {kind} responder did not start")
-    target.urls = json.loads(proc.stdout.readline()[6:])
-    return target
+    """A built-in responder (see responder()) in its own process."""
+    command = [sys.executable, os.path.abspath(__file__), "--responder", kind]
+    return Target.start(f"{kind} responder", command, timeout_s=10.0)
 
 
 async def constant_load(url, rate, seconds):
-    """Constant-rate open loop against a responder: achieved share, lag p99, CPU/request, latencies."""
+    """Constant-rate open loop against a responder: achieved share, lag p99, CPU per request,
+    latencies."""
     parts = urlsplit(url)
     request = build_request("GET", parts.hostname, parts.port, "/")
     n = int(rate * seconds)
     plan = [(i / rate, "get") for i in range(n)]
-    load = Load(
-        plan, lambda kind: [(parts.hostname, parts.port, request, lambda s, b: None, False)]
-    )
+    attempt = Attempt(parts.hostname, parts.port, request, ignore_answer, False)
+    load = Load(plan, lambda kind: Request(kind, [attempt]))
     cpu0 = time.process_time()
     wall0 = time.monotonic()
-    await load.run()
+    await load.drive()
     cpu = time.process_time() - cpu0
     ok = [r for r in load.records if r.outcome == "ok"]
     on_time = sum(1 for r in load.records if r.outcome == "ok" and r.lag <= 0.002)
@@ -1781,7 +2216,7 @@ async def constant_load(url, rate, seconds):
         "ok": len(ok),
         "on_time_pct": round(100 * on_time / n, 1),
         "ok_pct": round(100 * len(ok) / n, 1),
-        "lag_p99_ms": _ms(percentile([r.lag for r in load.records], 99)),
+        "lag_p99_ms": to_ms(percentile([r.lag for r in load.records], 99)),
         "cpu_us_per_request": round(cpu / n * 1e6),
         "wall_s": round(time.monotonic() - wall0, 2),
         "latency_ms": latency_summary([r.latency for r in ok]),
@@ -1789,48 +2224,64 @@ async def constant_load(url, rate, seconds):
 
 
 async def calibrate(quick, out):
-    """Measure the instrument: max sustainable rate, scheduler lag, and the coordinated-omission test."""
-    results = {"trivial": [], "stall": None}
+    """Measure the instrument: max sustainable rate, scheduler lag, and the coordinated-omission
+    test."""
+    results = {"trivial": await calibrate_rates(quick, out), "stall": None}
+    good = [r for r in results["trivial"] if r["ok_pct"] >= 99 and (r["lag_p99_ms"] or 0) <= 2]
+    results["max_sustainable_rps"] = max((r["rate"] for r in good), default=0)
+    out.write(
+        f"   -> sustains {results['max_sustainable_rps']} req/s"
+        " with >= 99% of its schedule, lag p99 <= 2 ms\n"
+    )
+    results["stall"] = await calibrate_stall(out)
+    return results
+
+
+async def calibrate_rates(quick, out):
+    """Rising constant rates against the trivial responder, until one is not kept."""
+    measured = []
     trivial = spawn_responder("trivial")
     try:
         out.write(
             "Calibrating against a trivial responder (its own process), constant-rate open loop:\n"
         )
         out.write(
-            "    rate/s   sent    ok %   within 2 ms of schedule %   lag p99 ms   CPU µs/req   p99 ms\n"
+            "    rate/s   sent    ok %   within 2 ms of schedule %"
+            "   lag p99 ms   CPU µs/req   p99 ms\n"
         )
         for rate in (500, 1000, 2000, 3000, 4000, 5000):
             r = await constant_load(trivial.urls["orders"], rate, 2.0 if quick else 4.0)
-            results["trivial"].append(r)
+            measured.append(r)
             out.write(
                 f"   {rate:7d} {r['sent']:6d} {r['ok_pct']:7.1f} {r['on_time_pct']:24.1f} "
-                f"{fmt(r['lag_p99_ms']):>14} {r['cpu_us_per_request']:12d} {fmt(r['latency_ms']['p99']):>8}\n"
+                f"{show(r['lag_p99_ms']):>14} {r['cpu_us_per_request']:12d}"
+                f" {show(r['latency_ms']['p99']):>8}\n"
             )
             out.flush()
             if r["ok_pct"] < 99 or (r["lag_p99_ms"] or 0) > 2:
                 break
     finally:
-        trivial.stop()
-    good = [r for r in results["trivial"] if r["ok_pct"] >= 99 and (r["lag_p99_ms"] or 0) <= 2]
-    results["max_sustainable_rps"] = max((r["rate"] for r in good), default=0)
-    out.write(
-        f"   -> sustains {results['max_sustainable_rps']} req/s with >= 99% of its schedule, lag p99 <= 2 ms\n"
-    )
+        await trivial.stop_in_thread()
+    return measured
+
+
+async def calibrate_stall(out):
+    """Coordinated omission: does a 1 s stall show up in p99, as it must?"""
     stall = spawn_responder("stall")
     try:
         out.write(
             "\nCoordinated-omission test: 200 req/s against a responder that stalls 1 s every 5 s\n"
         )
-        r = await constant_load(stall.urls["orders"], 200, 10.0)
-        results["stall"] = r
-        lat = r["latency_ms"]
+        measured = await constant_load(stall.urls["orders"], 200, 10.0)
+        latency = measured["latency_ms"]
         out.write(
-            f"   p50 {fmt(lat['p50'])} ms  p90 {fmt(lat['p90'])} ms  p99 {fmt(lat['p99'])} ms  "
-            f"max {fmt(lat['max'])} ms   (truth: 20% of requests wait 0-1 s, so p99 ~950 ms)\n"
+            f"   p50 {show(latency['p50'])} ms  p90 {show(latency['p90'])} ms"
+            f"  p99 {show(latency['p99'])} ms  max {show(latency['max'])} ms"
+            "   (truth: 20% of requests wait 0-1 s, so p99 ~950 ms)\n"
         )
+        return measured
     finally:
-        stall.stop()
-    return results
+        await stall.stop_in_thread()
 
 
 async def probe(target, capacity_rps, quick, out, rate_rps=None):
@@ -1847,30 +2298,39 @@ async def probe(target, capacity_rps, quick, out, rate_rps=None):
         body = {"order_id": "probe", "amount": 1, "ref": f"probe-{next(refs)}"}
         return url.hostname, url.port, build_request("POST", url.hostname, url.port, path, body)
 
-    load = Load(plan, lambda kind: [(*call(pay, "/charge"), lambda status, data: None, False)])
-    await load.run()
+    load = Load(
+        plan, lambda kind: Request(kind, [Attempt(*call(pay, "/charge"), ignore_answer, False)])
+    )
+    await load.drive()
     results["payment"] = latency_summary([r.latency for r in load.records if r.outcome == "ok"])
-    loop = asyncio.get_running_loop()
-    latencies = []
-    # one caller in sequence, as the fulfilment worker calls
-    for _ in range(300 if quick else 1000):
-        start = loop.time()
-        status, _ = await exchange(*call(ship, "/ship"), start + 5)
-        if status == 200:
-            latencies.append(loop.time() - start)
+    latencies = await one_caller(lambda: call(ship, "/ship"), 300 if quick else 1000)
     results["shipping"] = latency_summary(latencies)
     out.write(f"Healthy latency of {target.name}'s dependencies, called directly (ms):\n")
     out.write(
-        f"   payment  POST /charge  open loop at {fmt(phases[0]['rps'])} req/s ({len(load.records)} calls)   "
-        + "  ".join(f"{k} {fmt(v)}" for k, v in results["payment"].items())
+        f"   payment  POST /charge  open loop at {show(phases[0]['rps'])} req/s"
+        f" ({len(load.records)} calls)   "
+        + "  ".join(f"{k} {show(v)}" for k, v in results["payment"].items())
         + "\n"
     )
     out.write(
         f"   shipping POST /ship    one caller in sequence ({len(latencies)} calls)   "
-        + "  ".join(f"{k} {fmt(v)}" for k, v in results["shipping"].items())
+        + "  ".join(f"{k} {show(v)}" for k, v in results["shipping"].items())
         + "\n"
     )
     return results
+
+
+async def one_caller(make_call, calls):
+    """Latencies (s) of `calls` requests made one after the other, as the fulfilment worker calls;
+    only answers with 200 count."""
+    loop = asyncio.get_running_loop()
+    latencies = []
+    for _ in range(calls):
+        start = loop.time()
+        status, _ = await round_trip(*make_call(), start + 5)
+        if status == 200:
+            latencies.append(loop.time() - start)
+    return latencies
 
 
 # === MAIN ===
@@ -1886,13 +2346,15 @@ def check_loopback(url, allow_remote):
         loopback = False
     if not loopback and not allow_remote:
         raise SystemExit(
-            f"refusing to load {host!r}: not a loopback address (pass --allow-remote if you mean it)"
+            f"refusing to load {host!r}: not a loopback address "
+            "(pass --allow-remote if you mean it)"
         )
 
 
 def url_problem(url):
     """Why `url` cannot be a target URL (one sentence), or None. Only plain http: the engine speaks
-    HTTP/1.1 over TCP itself, and an unparsable URL used to surface as a misleading loopback refusal."""
+    HTTP/1.1 over TCP itself, and an unparsable URL used to surface as a misleading loopback
+    refusal."""
     try:
         parts = urlsplit(url)
         port = parts.port  # raises for a port out of range or not a number
@@ -1911,7 +2373,8 @@ def url_problem(url):
 
 
 def with_port(url):
-    """The URL with its port spelled out (80 by default): the engine connects to urlsplit(url).port."""
+    """The URL with its port spelled out (80 by default): the engine connects to
+    urlsplit(url).port."""
     parts = urlsplit(url)
     if parts.port is not None:
         return url
@@ -1944,8 +2407,9 @@ def output_problem(flag, path):
     return None
 
 
-def plan_runs(args):
-    """What to run: [(version file, or None with --url, [scenario names])]. ValueError says what is wrong."""
+def plan_cells(args):
+    """What to run: [(version file, or None with --url, [scenario names])]. ValueError says what is
+    wrong."""
     if args.url:
         paths = [None]
     else:
@@ -1963,7 +2427,7 @@ def plan_runs(args):
             if why:
                 raise ValueError(why)
             paths.append(path)
-    runs = []
+    planned = []
     for path in paths:
         if args.scenario:
             scenarios = (
@@ -1977,8 +2441,8 @@ def plan_runs(args):
         unknown = [n for n in scenarios if n not in SCENARIOS]
         if unknown:
             raise ValueError(f"unknown scenario {', '.join(unknown)}; see --list")
-        runs.append((path, scenarios))
-    return runs
+        planned.append((path, scenarios))
+    return planned
 
 
 def raise_open_files_limit(wanted=OPEN_FILES_WANTED):
@@ -2008,7 +2472,8 @@ def raise_open_files_limit(wanted=OPEN_FILES_WANTED):
 
 
 class OneLineParser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line (what is wrong), not the whole usage block above it."""
+    """argparse, but a usage error is one line (what is wrong), not the whole usage block above
+    it."""
 
     def error(self, message):
         self.exit(
@@ -2017,22 +2482,49 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 LIMITS_HELP = (
-    f"limits, refused before anything starts (exit code 2): --rate <= {MAX_RATE_RPS:,} req/s, also at\n"
-    f"any phase's peak; --capacity <= {MAX_CAPACITY_RPS:,} req/s; --duration <= {MAX_DURATION_S} s; "
+    "limits, refused before anything starts (exit code 2): "
+    f"--rate <= {MAX_RATE_RPS:,} req/s, also at\n"
+    f"any phase's peak; --capacity <= {MAX_CAPACITY_RPS:,} req/s; "
+    f"--duration <= {MAX_DURATION_S} s; "
     f"<= {MAX_PLANNED_REQUESTS:,} planned requests\nper run; all finite and > 0. A bad --url, "
     "--target, --scenario or --json/--report path too."
+)
+EXIT_CODES_HELP = (
+    "exit codes: 0 the runs completed (with --exit-code: and all passed); 1 a verdict failed\n"
+    "(--exit-code); 2 a bad command line, or --json/--report could not be written; 3 a run was\n"
+    "untrusted and none failed (--exit-code); 130 interrupted (Ctrl-C, SIGTERM)."
 )
 
 
 def parse_args(argv):
+    """The command line, every part of it checked (see refuse_bad_args) before anything starts."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.responder:
+        return args  # a child of --calibrate: its parent checked everything
+    if not (args.target or args.compare or args.url or args.list or args.calibrate):
+        parser.error("say what to test: --target v0_1 (or --compare, --url, --list, --calibrate)")
+    refuse_bad_args(parser, args)
+    return args
+
+
+def build_parser():
+    """The options: what to test, then how, then the attach mode's and the hidden ones."""
     versions = ", ".join(available_versions()) or "none found"
     parser = OneLineParser(
-        description="The failure-first playground's load tester: same scenarios, same pass criteria, every version.",
+        description="The failure-first playground's load tester: "
+        "same scenarios, same pass criteria, every version.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=f"versions here: {versions}\nscenarios: {', '.join(SCENARIOS)}\n{LIMITS_HELP}\n\n"
-        + __doc__.split("\n\n")[-1],
+        epilog=f"versions here: {versions}\nscenarios: {', '.join(SCENARIOS)}\n{LIMITS_HELP}\n"
+        f"{EXIT_CODES_HELP}\n\n" + __doc__.split("\n\n")[-1],
     )
-    what = parser.add_mutually_exclusive_group()
+    add_what_options(parser.add_mutually_exclusive_group())
+    add_how_options(parser)
+    return parser
+
+
+def add_what_options(what):
+    """What to test: one of --target, --compare, --url, --list, --calibrate."""
     what.add_argument(
         "--target",
         help="version to test: v0_3, v0.3, v0_3_backpressure or a file (an exact match); "
@@ -2050,6 +2542,10 @@ def parse_args(argv):
         "--list", action="store_true", help="list the scenarios with their pass criteria"
     )
     what.add_argument("--calibrate", action="store_true", help="measure the instrument itself")
+
+
+def add_how_options(parser):
+    """How to test it: scenarios, lengths, rates, outputs."""
     parser.add_argument(
         "--scenario", help="NAME[,NAME] or 'all' (default: steady + the version's story)"
     )
@@ -2057,6 +2553,14 @@ def parse_args(argv):
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     parser.add_argument(
         "--report", metavar="FILE.html", help="also write a self-contained HTML report (SVG charts)"
+    )
+    parser.add_argument(
+        "--exit-code",
+        action="store_true",
+        help="exit 1 when any verdict is a fail, 3 when a run was untrusted (the machine was too "
+        "busy to measure) and none failed, 0 when all passed. Without it the exit code is 0 "
+        "whenever the runs completed: a version's story fails a scenario by design (like k6's "
+        "thresholds or Locust's --exit-code-on-error, for CI)",
     )
     parser.add_argument(
         "--rate",
@@ -2085,6 +2589,11 @@ def parse_args(argv):
     parser.add_argument(
         "--seed", type=int, default=1, help="seed of arrivals, payloads and chaos (default 1)"
     )
+    add_attach_options(parser)
+
+
+def add_attach_options(parser):
+    """The attach mode's URLs, --probe, --allow-remote, and the calibration's hidden child."""
     parser.add_argument(
         "--payment-url", help="with --url: payment simulator, for faults and ground truth"
     )
@@ -2101,13 +2610,6 @@ def parse_args(argv):
         "--allow-remote", action="store_true", help="allow a non-loopback --url (never by default)"
     )
     parser.add_argument("--responder", choices=["trivial", "stall"], help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    if args.responder:
-        return args  # a child of --calibrate: its parent checked everything
-    if not (args.target or args.compare or args.url or args.list or args.calibrate):
-        parser.error("say what to test: --target v0_1 (or --compare, --url, --list, --calibrate)")
-    refuse_bad_args(parser, args)
-    return args
 
 
 def refuse_bad_args(parser, args):
@@ -2123,6 +2625,25 @@ def refuse_bad_args(parser, args):
             parser.error(problem)
     if args.probe and not args.target:
         parser.error("--probe needs --target (it starts the version to reach its dependencies)")
+    refuse_bad_urls(parser, args)
+    if args.list or args.calibrate:
+        return
+    try:
+        planned = plan_cells(args)
+    except ValueError as err:
+        parser.error(str(err))
+    capacity = args.capacity or DEFAULT_CAPACITY_RPS  # C from /stats is checked again once read
+    for name in dict.fromkeys(n for _, scenarios in planned for n in scenarios):
+        problem = plan_problem(
+            name, SCENARIOS[name], capacity, args.quick, args.duration, args.rate
+        )
+        if problem:
+            parser.error(problem)
+
+
+def refuse_bad_urls(parser, args):
+    """--url and the simulators' URLs: well formed, loopback (unless --allow-remote), port
+    spelled out."""
     for flag, url in (
         ("--url", args.url),
         ("--payment-url", args.payment_url),
@@ -2140,24 +2661,12 @@ def refuse_bad_args(parser, args):
         except SystemExit as refused:
             parser.error(str(refused))
         setattr(args, flag[2:].replace("-", "_"), with_port(url))
-    if args.list or args.calibrate:
-        return
-    try:
-        runs = plan_runs(args)
-    except ValueError as err:
-        parser.error(str(err))
-    capacity = args.capacity or DEFAULT_CAPACITY_RPS  # C from /stats is checked again once read
-    for name in dict.fromkeys(n for _, scenarios in runs for n in scenarios):
-        problem = plan_problem(
-            name, SCENARIOS[name], capacity, args.quick, args.duration, args.rate
-        )
-        if problem:
-            parser.error(problem)
 
 
 def print_list(out):
     out.write(
-        "Scenarios (loads in multiples of capacity C; phases: full length/with --quick, '-' skipped):\n"
+        "Scenarios (loads in multiples of capacity C; "
+        "phases: full length/with --quick, '-' skipped):\n"
     )
     for name, sc in SCENARIOS.items():
         out.write(f"\n  {name}: {sc['about']}\n    phases: ")
@@ -2175,12 +2684,54 @@ def print_list(out):
             + ", ".join(f"{f} {op} {b}" for f, op, b in sc["checks"])
             + f"   (decisive: {sc['decisive']})\n"
         )
+        if "figures" in sc:
+            out.write(
+                textwrap.fill(
+                    sc["figures"], 96, initial_indent="    figures: ", subsequent_indent="      "
+                )
+                + "\n"
+            )
+
+
+class OutputError(Exception):
+    """A --json or --report file could not be written (a full disk, say): one line, exit code 2."""
+
+
+def write_output(flag, path, write):
+    """Write a --json or --report file with write(file); OutputError, in one line, if it fails."""
+    try:
+        with open(path, "w", encoding="utf-8") as f:
+            write(f)
+    except OSError as err:
+        raise OutputError(
+            f"{os.path.basename(sys.argv[0]) or 'loadtest.py'}: error: {flag} {path}: "
+            f"could not write: {err.strerror or err} (the results are printed above)"
+        ) from None
+
+
+def save_results(args, results, out):
+    """--json and --report, once the runs are over."""
+    if args.json:
+        write_output("--json", args.json, lambda f: json.dump({"runs": results}, f, indent=1))
+    if args.report:
+        write_report(results, args.report)
+        out.write(f"\nreport written to {args.report}\n")
+
+
+def exit_status(results):
+    """--exit-code: 1 when any verdict is a fail, else 3 when a run was untrusted, else 0."""
+    verdicts = {result.get("verdict") for result in results}
+    if "fail" in verdicts:
+        return 1
+    if "untrusted" in verdicts:
+        return 3
+    return 0
 
 
 def main(argv=None):
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM cleans up like Ctrl-C
-    # even if started ignoring it (a background job)
+    # Ctrl-C is Ctrl-C even when started ignoring SIGINT (a background job of a script)
     signal.signal(signal.SIGINT, signal.default_int_handler)
     note = raise_open_files_limit()
     if note and not (args.responder or args.list):  # said once, by the process that drives the load
@@ -2193,21 +2744,24 @@ def main(argv=None):
             except KeyboardInterrupt:
                 return 0
         if args.list:
-            return print_list(out)
+            print_list(out)
+            return 0
         if args.calibrate:
             results = asyncio.run(calibrate(args.quick, out))
             if args.json:
-                with open(args.json, "w") as f:
-                    json.dump({"calibration": results}, f, indent=1)
-            return
+                calibration = {"calibration": results}
+                write_output("--json", args.json, lambda f: json.dump(calibration, f, indent=1))
+            return 0
         results = asyncio.run(run_all(args, out))
-        if args.json and not args.probe:
-            with open(args.json, "w") as f:
-                json.dump({"runs": results}, f, indent=1)
-        if args.report and not args.probe:
-            write_report(results, args.report)
-            out.write(f"\nreport written to {args.report}\n")
-        return 0  # the run completed; verdicts are in the output (a naive version is meant to fail)
+        if not args.probe:
+            save_results(args, results, out)
+        # Without --exit-code, 0: the run completed and its verdicts are in the output (a naive
+        # version is meant to fail its story's scenario).
+        return exit_status(results) if args.exit_code else 0
+    except OutputError as err:
+        out.flush()
+        sys.stderr.write(f"{err}\n")
+        return 2
     except KeyboardInterrupt:
         sys.stderr.write("\ninterrupted: stopping everything this run started\n")
         return 130

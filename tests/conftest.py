@@ -1,4 +1,5 @@
 """Shared helpers: start a version (or loadtest) as a real process, talk HTTP, always clean up."""
+import asyncio
 import glob
 import importlib.util
 import http.client
@@ -15,6 +16,7 @@ from urllib.parse import urlsplit
 import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # for `import loadtest`
+import loadtest  # noqa: E402  (the instrument's in-process helpers below)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VERSIONS = sorted(glob.glob(os.path.join(ROOT, "v[01]_[0-9]_*.py")))
 LOADTEST = os.path.join(ROOT, "loadtest.py")
@@ -193,3 +195,77 @@ def service(version_path):
         yield svc
     finally:
         svc.stop()
+
+
+# --- in-process servers and loads for the instrument's tests (loadtest.py imported, not run) ------
+
+
+class Behaviour(asyncio.Protocol):
+    """An HTTP server whose answer time is decided per request by `delay(now)` (seconds, or None: never)."""
+
+    def __init__(self, delay, status=201, body=b'{"order_id": "x"}', heard=None):
+        self.delay, self.status, self.body, self.heard = delay, status, body, heard
+        self.buf, self.answered, self.transport = b"", False, None
+
+    def connection_made(self, transport):
+        self.transport = transport
+
+    def data_received(self, data):
+        self.buf += data
+        if self.answered or b"\r\n\r\n" not in self.buf:
+            return
+        self.answered = True
+        if self.heard is not None:  # the request lines this server was sent, in order
+            self.heard.append(self.buf.split(b"\r\n", 1)[0].decode())
+        loop = asyncio.get_running_loop()
+        wait = self.delay(loop.time())
+        if wait is None:
+            return  # never answer (the client's timeout has to deal with it)
+        if wait <= 0:
+            self.reply()
+        else:
+            loop.call_later(wait, self.reply)
+
+    def reply(self):
+        if self.transport.is_closing():
+            return
+        reason = {200: "OK", 201: "Created", 404: "Not Found", 503: "Service Unavailable"}.get(self.status, "X")
+        self.transport.write(f"HTTP/1.1 {self.status} {reason}\r\nContent-Type: application/json\r\n"
+                             f"Connection: close\r\nContent-Length: {len(self.body)}\r\n\r\n".encode() + self.body)
+        self.transport.close()
+
+
+async def serve(delay, **kw):
+    """Start a Behaviour server on 127.0.0.1:0; returns (server, port)."""
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(lambda: Behaviour(delay, **kw), "127.0.0.1", 0, backlog=1024)
+    return server, server.sockets[0].getsockname()[1]
+
+
+def load_against(delay, plan, serve_kw=None, requester_kw=None, **load_kw):
+    """Run a Load over `plan` against a Behaviour server (`delay`, **serve_kw); return the finished Load."""
+    async def main():
+        server, port = await serve(delay, **(serve_kw or {}))
+        try:
+            load = loadtest.Load(plan, requester(port, **(requester_kw or {})), **load_kw)
+            await load.drive()
+            return load
+        finally:
+            server.close()
+    return asyncio.run(main())
+
+
+def requester(port, attempts=1, retry=False, answers=None):
+    """make_request for Load: POST /orders to 127.0.0.1:port, `attempts` attempts."""
+    request = loadtest.build_request("POST", "127.0.0.1", port, "/orders", {"item": "book", "qty": 1})
+
+    def on_answer(status, body):
+        if answers is not None:
+            answers.append((status, body))
+
+    return lambda kind: loadtest.Request(kind, [loadtest.Attempt("127.0.0.1", port, request, on_answer, retry)]
+                                         * attempts)
+
+
+def constant_plan(rate, seconds, kind="post"):
+    return [(i / rate, kind) for i in range(int(rate * seconds))]

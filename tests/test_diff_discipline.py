@@ -10,7 +10,7 @@ import tokenize
 
 import pytest
 
-from conftest import VERSIONS, version_id
+from conftest import LOADTEST, VERSIONS, version_id
 
 MARK = re.compile(r"^# === (.+?) ===\s*$", re.M)
 TITLES = ["CONFIG", "BUSINESS LOGIC (identical in every version)", "RELIABILITY", "HTTP FRONT DOOR",
@@ -94,7 +94,7 @@ def test_line_budget():
         assert open(path, encoding="utf-8").read().count("\n") <= 1900, path
 
 
-@pytest.mark.parametrize("path", VERSIONS, ids=os.path.basename)
+@pytest.mark.parametrize("path", [*VERSIONS, LOADTEST], ids=os.path.basename)
 def test_one_statement_per_line_within_100_columns(path):
     """Readability over line counts: nothing packed to fit a budget."""
     source = open(path, encoding="utf-8").read()

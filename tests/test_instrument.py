@@ -19,85 +19,18 @@ import sys
 import time
 
 import pytest
-from conftest import LOADTEST, ROOT, group_members, proc_cmdline, proc_stat, read_ready, run_loadtest
+from conftest import (LOADTEST, ROOT, constant_plan, group_members, load_against, proc_cmdline, proc_stat,
+                      read_ready, requester, run_loadtest, serve)
 
 sys.path.insert(0, ROOT)
 import loadtest  # noqa: E402
 
 SCENARIO_NAMES = ["steady", "spike", "slow-payment", "slow-shipping", "hang-payment", "flaky-payment",
-                  "retry-storm", "payment-down", "early-warning", "partial-failure"]
+                  "retry-storm", "payment-down", "early-warning", "partial-failure", "overload", "capacity-drop"]
 HAS_PROC = os.path.isdir("/proc/self")
 
 
 # --- helpers: in-test servers and load ---------------------------------------------------------
-
-
-class Behaviour(asyncio.Protocol):
-    """An HTTP server whose answer time is decided per request by `delay(now)` (seconds, or None: never)."""
-
-    def __init__(self, delay, status=201, body=b'{"order_id": "x"}'):
-        self.delay, self.status, self.body = delay, status, body
-        self.buf, self.answered, self.transport = b"", False, None
-
-    def connection_made(self, transport):
-        self.transport = transport
-
-    def data_received(self, data):
-        self.buf += data
-        if self.answered or b"\r\n\r\n" not in self.buf:
-            return
-        self.answered = True
-        loop = asyncio.get_running_loop()
-        wait = self.delay(loop.time())
-        if wait is None:
-            return  # never answer (the client's timeout has to deal with it)
-        if wait <= 0:
-            self.reply()
-        else:
-            loop.call_later(wait, self.reply)
-
-    def reply(self):
-        if self.transport.is_closing():
-            return
-        reason = {200: "OK", 201: "Created", 404: "Not Found", 503: "Service Unavailable"}.get(self.status, "X")
-        self.transport.write(f"HTTP/1.1 {self.status} {reason}\r\nContent-Type: application/json\r\n"
-                             f"Connection: close\r\nContent-Length: {len(self.body)}\r\n\r\n".encode() + self.body)
-        self.transport.close()
-
-
-async def serve(delay, **kw):
-    """Start a Behaviour server on 127.0.0.1:0; returns (server, port)."""
-    loop = asyncio.get_running_loop()
-    server = await loop.create_server(lambda: Behaviour(delay, **kw), "127.0.0.1", 0, backlog=1024)
-    return server, server.sockets[0].getsockname()[1]
-
-
-def load_against(delay, plan, serve_kw=None, requester_kw=None, **load_kw):
-    """Run a Load over `plan` against a Behaviour server (`delay`, **serve_kw); return the finished Load."""
-    async def main():
-        server, port = await serve(delay, **(serve_kw or {}))
-        try:
-            load = loadtest.Load(plan, requester(port, **(requester_kw or {})), **load_kw)
-            await load.run()
-            return load
-        finally:
-            server.close()
-    return asyncio.run(main())
-
-
-def requester(port, attempts=1, retry=False, answers=None):
-    """make_request for Load: POST /orders to 127.0.0.1:port, `attempts` attempts."""
-    request = loadtest.build_request("POST", "127.0.0.1", port, "/orders", {"item": "book", "qty": 1})
-
-    def on_answer(status, body):
-        if answers is not None:
-            answers.append((status, body))
-
-    return lambda kind: [("127.0.0.1", port, request, on_answer, retry)] * attempts
-
-
-def constant_plan(rate, seconds, kind="post"):
-    return [(i / rate, kind) for i in range(int(rate * seconds))]
 
 
 def lat(records):
@@ -261,7 +194,7 @@ def test_exchange_reads_a_response():
         try:
             loop = asyncio.get_running_loop()
             request = loadtest.build_request("POST", "127.0.0.1", port, "/orders", {"item": "pen"})
-            return await loadtest.exchange("127.0.0.1", port, request, loop.time() + 5)
+            return await loadtest.round_trip("127.0.0.1", port, request, loop.time() + 5)
         finally:
             server.close()
 
@@ -287,7 +220,7 @@ def test_open_loop_keeps_schedule_against_slow_server():
                 peak[0] = max(peak[0], load.in_flight)
 
             started = time.monotonic()
-            await load.run(on_tick)
+            await load.drive(on_tick)
             return load, time.monotonic() - started
         finally:
             server.close()
@@ -331,10 +264,10 @@ def test_latency_is_measured_from_intended_time_through_a_stall():
                 for offset, _ in plan:
                     await asyncio.sleep(max(0.0, t0 + offset - loop.time()))
                     sent = loop.time()
-                    await loadtest.exchange("127.0.0.1", port, request, sent + 5)
+                    await loadtest.round_trip("127.0.0.1", port, request, sent + 5)
                     closed.append(loop.time() - sent)
 
-            await asyncio.gather(load.run(), closed_loop())
+            await asyncio.gather(load.drive(), closed_loop())
             return load
         finally:
             server.close()
@@ -384,7 +317,7 @@ def test_refused_connection_is_counted_as_conn():
 
         async def main():
             load = loadtest.Load(plan, requester(port), client_timeout_s=2.0)
-            await load.run()
+            await load.drive()
             return load
 
         recs = asyncio.run(main()).records
@@ -487,32 +420,45 @@ def test_make_plan_mixes_gets_for_payment_down():
     assert 0.4 <= share <= 0.6
 
 
-# === 7. judge ======================================================================================
+# === 7. the verdict ====================================================================================
 
 
-def test_judge_passes_with_ok_reasons():
-    verdict, reasons = loadtest.judge(loadtest.SCENARIOS["steady"], {"error_pct": 0.0, "p99_ms": 80.0})
+def test_the_verdict_passes_with_ok_reasons():
+    verdict, reasons = loadtest.decide(loadtest.SCENARIOS["steady"], {"error_pct": 0.0, "p99_ms": 80.0}, [])
     assert verdict == "pass"
     assert len(reasons) == 2 and all(r.endswith("(ok)") for r in reasons)
     assert any("p99_ms" in r and "80" in r for r in reasons)
 
 
-def test_judge_fails_saying_which_bound():
-    verdict, reasons = loadtest.judge(loadtest.SCENARIOS["steady"], {"error_pct": 0.0, "p99_ms": 300.0})
+def test_the_verdict_fails_saying_which_bound():
+    verdict, reasons = loadtest.decide(loadtest.SCENARIOS["steady"], {"error_pct": 0.0, "p99_ms": 300.0}, [])
     assert verdict == "fail"
     assert any("p99_ms = 300" in r and "needs <= 250" in r for r in reasons), reasons
-    verdict, reasons = loadtest.judge(loadtest.SCENARIOS["hang-payment"],
-                                      {"goodput_pct": 80.0, "p99_ms": 100.0, "held_open_after": 0})
+    verdict, reasons = loadtest.decide(loadtest.SCENARIOS["hang-payment"],
+                                      {"goodput_pct": 80.0, "p99_ms": 100.0, "held_open_after": 0}, [])
     assert verdict == "fail" and any("goodput_pct = 80" in r and ">= 95" in r for r in reasons), reasons
 
 
 def test_an_overloaded_instrument_gives_no_verdict():
     """Past UNTRUSTED_LAG_MS of its own schedule lag, a pass or a fail becomes 'untrusted', saying why."""
-    for verdict in ("pass", "fail"):
-        assert loadtest.distrust(verdict, ["x"], 2.2) == (verdict, ["x"])
-        got, reasons = loadtest.distrust(verdict, ["x"], 160.0)
-        assert got == "untrusted" and "160 ms behind" in reasons[0] and reasons[1:] == ["x"]
-    assert loadtest.distrust("pass", [], None) == ("pass", [])
+    steady = loadtest.SCENARIOS["steady"]
+    for p99_ms in (80.0, 300.0):  # a pass, a fail
+        figures = {"error_pct": 0.0, "p99_ms": p99_ms, "schedule_lag_p99_ms": 2.2}
+        verdict, reasons = loadtest.decide(steady, figures, [])
+        assert verdict == ("pass" if p99_ms < 250 else "fail") and len(reasons) == 2
+        got, lagged = loadtest.decide(steady, dict(figures, schedule_lag_p99_ms=160.0), [])
+        assert got == "untrusted" and "160 ms behind" in lagged[0] and lagged[1:] == reasons
+    assert loadtest.decide(steady, {"error_pct": 0.0, "p99_ms": 80.0, "schedule_lag_p99_ms": None}, [])[0] == "pass"
+
+
+def test_a_run_that_did_not_do_what_its_scenario_says_fails_whatever_else():
+    """A fault that was never set voids a run: it fails first, even when loadtest also lagged and every check
+    passed, and the problem is its first reason."""
+    figures = {"error_pct": 0.0, "p99_ms": 80.0, "schedule_lag_p99_ms": 160.0}
+    verdict, reasons = loadtest.decide(loadtest.SCENARIOS["steady"], figures, ["could not set payment chaos"])
+    assert verdict == "fail"
+    assert reasons[0] == "could not set payment chaos" and "behind its own schedule" in reasons[1]
+    assert all(r.endswith("(ok)") for r in reasons[2:]) and len(reasons) == 4
 
 
 def test_a_run_ends_with_what_you_saw_why_and_next():
@@ -526,18 +472,18 @@ def test_a_run_ends_with_what_you_saw_why_and_next():
     assert "diff -u v0_1_naive.py v0_2_admission.py" in lines[2] and "--target v0_2" in lines[2]
 
 
-def test_judge_missing_figure_fails_with_a_reason():
-    verdict, reasons = loadtest.judge(loadtest.SCENARIOS["steady"], {"error_pct": 0.0, "p99_ms": None})
+def test_a_missing_figure_fails_with_a_reason():
+    verdict, reasons = loadtest.decide(loadtest.SCENARIOS["steady"], {"error_pct": 0.0, "p99_ms": None}, [])
     assert verdict == "fail"
     assert any(r.startswith("p99_ms:") and "not measurable" in r and "<= 250" in r for r in reasons), reasons
-    verdict, reasons = loadtest.judge(loadtest.SCENARIOS["retry-storm"], {"fault_amplification": 1.0})
+    verdict, reasons = loadtest.decide(loadtest.SCENARIOS["retry-storm"], {"fault_amplification": 1.0}, [])
     assert verdict == "fail"
     assert any("recovery_s" in r and "never recovered" in r for r in reasons), reasons
 
 
-def test_judge_nothing_shed_is_not_a_failure():
+def test_nothing_shed_is_not_a_failure():
     figures = {"timeouts": 0, "p99_ms": 200.0, "shed_p99_ms": None, "fault_goodput_x": 0.9}
-    verdict, reasons = loadtest.judge(loadtest.SCENARIOS["spike"], figures)
+    verdict, reasons = loadtest.decide(loadtest.SCENARIOS["spike"], figures, [])
     assert verdict == "pass", reasons
     assert any("shed_p99_ms" in r and "nothing shed" in r for r in reasons), reasons
 
@@ -614,12 +560,12 @@ def test_cli_help():
         assert option in proc.stdout, option
 
 
-def test_cli_list_names_all_ten_scenarios():
+def test_cli_list_names_all_twelve_scenarios():
     proc = run_cli("--list")
     assert proc.returncode == 0, proc.stderr
     for name in SCENARIO_NAMES:
         assert f"  {name}:" in proc.stdout, name
-    assert proc.stdout.count("pass when:") == 10
+    assert proc.stdout.count("pass when:") == 12
 
 
 # (the command lines refused before anything starts: tests/test_cli_safety.py)
@@ -795,8 +741,9 @@ def test_trivial_responder_answers_an_open_loop():
         request = loadtest.build_request("GET", host, int(port), "/")
 
         async def main():
-            load = loadtest.Load(plan, lambda kind: [(host, int(port), request, lambda s, b: None, False)])
-            await load.run()
+            attempt = loadtest.Attempt(host, int(port), request, loadtest.ignore_answer, False)
+            load = loadtest.Load(plan, lambda kind: loadtest.Request(kind, [attempt]))
+            await load.drive()
             return load
 
         recs = asyncio.run(main()).records

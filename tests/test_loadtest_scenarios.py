@@ -1,0 +1,154 @@
+"""overload and capacity-drop: their plans, their per-phase figures and their checks, on fake figures and
+synthetic records (no server: the real runs are the lessons' and the README's)."""
+import io
+
+import pytest
+
+import loadtest
+
+OVERLOAD = loadtest.SCENARIOS["overload"]
+CAPACITY_DROP = loadtest.SCENARIOS["capacity-drop"]
+
+
+def record(t, latency_s, outcome="ok", kind="post"):
+    return loadtest.Record(t, 0.0, latency_s, kind, outcome, 201 if outcome == "ok" else 503, 1)
+
+
+def phases(*spans, settle_s=0):
+    """Phases as make_plan returns them: (name, start, end, judged, base) each."""
+    return [dict(loadtest.phase(name, end - start, 0, 1.0, judged=judged, base=base, settle_s=settle_s),
+                 start=start, end=end)
+            for name, start, end, judged, base in spans]
+
+
+def test_overload_offers_half_then_three_then_ten_times_c():
+    plan, planned = loadtest.make_plan(OVERLOAD, 100, True, 1)
+    assert [(p["name"], p["rps"]) for p in planned] == [("baseline", 50), ("3C", 300), ("10C", 1000)]
+    assert [p["name"] for p in planned if p["fault"]] == ["3C", "10C"]
+    gets = sum(1 for _, kind in plan if kind == "get") / len(plan)
+    assert 0.15 <= gets <= 0.25, "a share of GET /orders/<id>, as in payment-down"
+
+
+def test_capacity_drop_halves_payments_workers_and_restores_them():
+    _, planned = loadtest.make_plan(CAPACITY_DROP, 100, True, 1)
+    assert [(p["name"], p["payment"], p["load"]) for p in planned] == [
+        ("before", {}, 0.8), ("half", {"workers": 2}, 0.8), ("after", {}, 0.8)]
+    assert loadtest.fault_window(planned) == (planned[1]["start"], planned[1]["end"]), "recovery counts from here"
+
+
+@pytest.mark.parametrize("name", ["overload", "capacity-drop"])
+def test_both_fit_the_quick_budget(name):
+    _, planned = loadtest.make_plan(loadtest.SCENARIOS[name], 100, True, 1)
+    assert planned[-1]["end"] <= 10, "the whole --quick matrix must stay under ~12 minutes"
+
+
+def test_phase_figures_hold_each_phase_to_its_capacity_and_the_base_phases_p99():
+    """Base p99 50 ms at C = 100/s; in 'half' payment has 50/s: an accepted p99 of 90 ms there is 1.8x the base
+    phase's (what a healthy system keeps at any capacity). 80 POSTs/s were offered, 45/s succeeded: 90 % of
+    min(80, 50)."""
+    spans = phases(("before", 0, 1, True, True), ("half", 1, 2, True, False))
+    records = [record(i / 80, 0.050) for i in range(80)]  # before: 80 ok at 50 ms
+    records += [record(1 + i / 80, 0.090) for i in range(45)]  # half: 45 ok at 90 ms ...
+    records += [record(1 + (45 + i) / 80, 0.003, "shed") for i in range(35)]  # ... and 35 shed in 3 ms
+    records += [record(1.5, 0.001, "ok", kind="get")]  # reads do not count as orders
+    samples = [{"t": 0.5, "capacity_rps": 100.0}] + [{"t": 1 + k / 4, "capacity_rps": 50.0} for k in range(4)]
+    figures = loadtest.phase_figures(records, spans, 100, samples)
+    assert figures["goodput_pct@before"] == 100.0  # 80/s of min(80, 100)
+    assert figures["p99_x@before"] == 1.0
+    assert figures["shed_p99_ms@before"] is None
+    assert figures["goodput_pct@half"] == 90.0
+    assert figures["p99_x@half"] == 1.8
+    assert figures["shed_p99_ms@half"] == 3.0
+
+
+def test_phase_capacity_is_what_payment_said_then_or_c():
+    half = phases(("half", 1, 2, True, False))[0]
+    samples = [{"t": 0.9, "capacity_rps": 100.0}, {"t": 1.0, "capacity_rps": 100.0},  # not yet applied
+               {"t": 1.25, "capacity_rps": 50.0}, {"t": 1.5, "capacity_rps": 50.0}, {"t": 1.75, "capacity_rps": 50.0}]
+    assert loadtest.phase_capacity(half, samples, 100) == 50.0
+    assert loadtest.phase_capacity(half, [{"t": 1.5, "capacity_rps": None}], 100) == 100
+
+
+def overload_figures(**changes):
+    figures = {"goodput_pct@3C": 99.0, "goodput_pct@10C": 97.0, "p99_x@3C": 1.4, "p99_x@10C": 1.7,
+               "shed_p99_ms@3C": 2.0, "shed_p99_ms@10C": 3.5, "timeouts": 0, "fault_amplification": 1.02,
+               "schedule_lag_p99_ms": 4.0}
+    return dict(figures, **changes)
+
+
+def test_overload_passes_when_every_overload_phase_keeps_the_promise():
+    verdict, reasons = loadtest.decide(OVERLOAD, overload_figures(), [])
+    assert verdict == "pass", reasons
+    assert len(reasons) == len(OVERLOAD["checks"]) == 8
+
+
+@pytest.mark.parametrize("figure, value, needs", [
+    ("goodput_pct@10C", 80.0, ">= 95"), ("p99_x@3C", 2.4, "<= 2"), ("shed_p99_ms@10C", 12.0, "<= 5"),
+    ("timeouts", 3, "<= 0"), ("fault_amplification", 1.3, "<= 1.1")])
+def test_overload_fails_naming_the_phase_and_bound(figure, value, needs):
+    verdict, reasons = loadtest.decide(OVERLOAD, overload_figures(**{figure: value}), [])
+    assert verdict == "fail"
+    assert [r for r in reasons if not r.endswith("(ok)")] == [f"{figure} = {value}, needs {needs}"]
+
+
+def test_overload_nothing_shed_in_a_phase_is_not_slow_shedding():
+    verdict, reasons = loadtest.decide(OVERLOAD, overload_figures(**{"shed_p99_ms@3C": None}), [])
+    assert verdict == "pass" and "shed_p99_ms@3C: nothing shed (ok)" in reasons
+
+
+def test_capacity_drop_checks_goodput_latency_and_the_return():
+    figures = {"goodput_pct@before": 99.0, "goodput_pct@half": 93.0, "goodput_pct@after": 95.0, "p99_x@half": 1.5,
+               "timeouts": 0}
+    assert loadtest.decide(CAPACITY_DROP, figures, [])[0] == "pass"
+    verdict, reasons = loadtest.decide(CAPACITY_DROP, dict(figures, **{"p99_x@half": None}), [])
+    assert verdict == "fail" and any(r.startswith("p99_x@half: no accepted POST") for r in reasons), reasons
+    verdict, reasons = loadtest.decide(CAPACITY_DROP, dict(figures, **{"goodput_pct@after": 70.0}), [])
+    assert verdict == "fail" and "goodput_pct@after = 70.0, needs >= 90" in reasons
+
+
+def test_full_goodput_after_the_capacity_returns_is_judged_from_3_s_on():
+    """The first 3 s after the return may still drain what the drop left: the after phase's goodput counts
+    from its settle_s on."""
+    (after,) = phases(("after", 10, 15, True, False), settle_s=3)
+    records = [record(10 + i / 80, 0.05, "shed") for i in range(240)]  # 3 s of nothing served
+    records += [record(13 + i / 80, 0.05) for i in range(160)]  # then every order
+    figures = loadtest.phase_figures(records, [after], 100, [])
+    assert figures["goodput_pct@after"] == 100.0
+
+
+def test_a_version_without_the_workers_knob_fails_capacity_drop_saying_so():
+    """Until a version's payment knows {"workers": N} it answers 400, the fault never happens, and the run is a
+    fail that says why, never a pass."""
+    figures = {"goodput_pct@before": 99.0, "goodput_pct@half": 99.0, "goodput_pct@after": 99.0,
+               "p99_x@half": 1.0, "timeouts": 0}
+    verdict, reasons = loadtest.decide(CAPACITY_DROP, figures, ["could not set payment chaos {'workers': 2} at 2 s"])
+    assert verdict == "fail" and reasons[0].startswith("could not set payment chaos")
+
+
+def test_list_explains_the_derived_figures_and_the_decisive_one():
+    out = io.StringIO()
+    loadtest.print_list(out)
+    text = " ".join(out.getvalue().split())
+    assert "(decisive: p99_x@3C)" in text and "(decisive: p99_x@half)" in text
+    assert "which is the before phase's p99" in text
+    assert "sustained 3x as a multiple of the version's own 0.5x p99" in text
+
+
+def test_the_report_shows_each_judged_phase():
+    figures = overload_figures()
+    lines = loadtest.phase_lines(figures).splitlines()
+    assert len(lines) == 2 and lines[0].split()[:2] == ["phase", "3C"] and lines[1].split()[:2] == ["phase", "10C"]
+    assert "accepted p99 1.7x the base phase's" in lines[1] and "shed p99 3.5 ms" in lines[1]
+    assert loadtest.phase_lines({"p99_ms": 3.0}) == ""
+
+
+def test_the_matrix_has_a_row_for_each_new_scenario():
+    results = [{"target": t, "scenario": s, "verdict": v, "decisive": loadtest.SCENARIOS[s]["decisive"],
+                "figures": {loadtest.SCENARIOS[s]["decisive"]: x}}
+               for t, s, v, x in [("v0_8", "overload", "fail", 6.1), ("v1_0", "overload", "pass", 1.6),
+                                  ("v0_8", "capacity-drop", "fail", 4.0), ("v1_0", "capacity-drop", "pass", 1.2)]]
+    out = io.StringIO()
+    loadtest.print_matrix(results, out)
+    rows = {line.split()[0]: line for line in out.getvalue().splitlines() if line.startswith("   ")}
+    assert "overload (p99_x@3C)" in rows["overload"] and "✗ 6.1" in rows["overload"] and "✓ 1.6" in rows["overload"]
+    assert "✗ 4.0" in rows["capacity-drop"] and "✓ 1.2" in rows["capacity-drop"]
