@@ -1427,15 +1427,15 @@ def summarise(run):
         "recovery_s": figures["recovery_s"],
         "figures": figures,
         "decisive": run.scenario["decisive"],
-        "phases": [
-            {
-                k: p[k]
-                for k in ("name", "start", "end", "load", "rps", "payment", "shipping", "fault")
-            }
-            for p in run.phases
-        ],
+        "phases": [phase_summary(p) for p in run.phases],
         "timeline": timeline,
     }
+
+
+def phase_summary(phase):
+    """A phase as the result shows it: its name, span, load and faults."""
+    keys = ("name", "start", "end", "load", "rps", "payment", "shipping", "fault")
+    return {key: phase[key] for key in keys}
 
 
 def fault_window(phases):
@@ -2039,6 +2039,13 @@ def svg_chart(lines, fault, title, unit, width=720, height=230):
         f'text-anchor="middle" transform="rotate(-90 12 {middle:.0f})">'
         f"{html.escape(unit)}</text>"
     )
+    out.append(svg_lines(lines, x, y, left))
+    return "".join(out) + "</svg>"
+
+
+def svg_lines(lines, x, y, left):
+    """Each (label, colour, points) as a polyline, and its entry in the legend above the chart."""
+    out = []
     for i, (label, colour, points) in enumerate(lines):
         path = " ".join(f"{x(t):.1f},{y(v):.1f}" for t, v in points if v is not None)
         out.append(
@@ -2046,7 +2053,7 @@ def svg_chart(lines, fault, title, unit, width=720, height=230):
             f'<rect x="{left + 8 + 66 * i}" y="22" width="12" height="4" fill="{colour}"/>'
             f'<text x="{left + 24 + 66 * i}" y="28" class="tick">{html.escape(label)}</text>'
         )
-    return "".join(out) + "</svg>"
+    return "".join(out)
 
 
 def time_ticks(t_end, x, y):
@@ -2550,6 +2557,12 @@ def add_how_options(parser):
         "--scenario", help="NAME[,NAME] or 'all' (default: steady + the version's story)"
     )
     parser.add_argument("--quick", action="store_true", help="short phases (for tests and CI)")
+    add_output_options(parser)
+    add_rate_options(parser)
+
+
+def add_output_options(parser):
+    """What is written besides the terminal's report, and what the exit code says."""
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     parser.add_argument(
         "--report", metavar="FILE.html", help="also write a self-contained HTML report (SVG charts)"
@@ -2562,6 +2575,10 @@ def add_how_options(parser):
         "whenever the runs completed: a version's story fails a scenario by design (like k6's "
         "thresholds or Locust's --exit-code-on-error, for CI)",
     )
+
+
+def add_rate_options(parser):
+    """How much load, for how long, from which seed."""
     parser.add_argument(
         "--rate",
         type=float,
@@ -2728,6 +2745,14 @@ def exit_status(results):
     return 0
 
 
+def run_responder(kind):
+    """--responder: a child of --calibrate, serving until its parent goes or Ctrl-C."""
+    try:
+        return asyncio.run(responder(kind, "127.0.0.1", 0))
+    except KeyboardInterrupt:
+        return 0
+
+
 def main(argv=None):
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM cleans up like Ctrl-C
@@ -2739,10 +2764,7 @@ def main(argv=None):
     out = sys.stdout
     try:
         if args.responder:
-            try:
-                return asyncio.run(responder(args.responder, "127.0.0.1", 0))
-            except KeyboardInterrupt:
-                return 0
+            return run_responder(args.responder)
         if args.list:
             print_list(out)
             return 0
