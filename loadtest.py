@@ -1536,15 +1536,22 @@ def phase_figures(records, phases, capacity_rps, samples):
         judged = in_phase(records, p)
         length = p["end"] - p["start"] - p["settle_s"]
         posts = [r for r in judged if r.kind == "post"]
-        served_rps = sum(1 for r in posts if r.outcome == "ok") / length
-        wanted_rps = min(len(posts) / length, phase_capacity(p, samples, capacity_rps))
+        capacity = phase_capacity(p, samples, capacity_rps)
         p99 = percentile(accepted_latencies(judged), 99)
         shed = [r.latency for r in judged if r.outcome == "shed"]
         name = p["name"]
-        figures[f"goodput_pct@{name}"] = round(100 * served_rps / wanted_rps, 1) if posts else None
+        figures[f"goodput_pct@{name}"] = goodput_pct(posts, length, capacity)
         figures[f"p99_x@{name}"] = round(p99 / base_p99, 2) if p99 and base_p99 else None
         figures[f"shed_p99_ms@{name}"] = to_ms(percentile(shed, 99))
     return figures
+
+
+def goodput_pct(posts, length_s, capacity_rps):
+    """Successful POSTs/s as a % of min(POSTs offered/s, capacity); None without POSTs or time."""
+    if not posts or length_s <= 0:
+        return None
+    served_rps = sum(1 for r in posts if r.outcome == "ok") / length_s
+    return round(100 * served_rps / min(len(posts) / length_s, capacity_rps), 1)
 
 
 def in_phase(records, phase):
