@@ -410,10 +410,14 @@ def scenario(about, *phases, checks, decisive, **more):
     return {"about": about, "phases": list(phases), "checks": checks, "decisive": decisive, **more}
 
 
-def each_phase(phases, figure, op, bound):
-    """The same check in each of the named phases: figure@phase."""
-    return [(f"{figure}@{name}", op, bound) for name in phases]
+def in_each_phase(names, *checks):
+    """The same checks in each of the named phases, phase by phase: (figure@phase, op, bound)."""
+    return [(f"{figure}@{name}", op, bound) for name in names for figure, op, bound in checks]
 
+
+# The seed's promise, kept in each overload phase: nearly all of C served, the accepted as fast as
+# at the version's own baseline (within 2x), the excess refused at once.
+PROMISE_UNDER_OVERLOAD = [("goodput_pct", ">=", 95), ("p99_x", "<=", 2), ("shed_p99_ms", "<=", 5)]
 
 SCENARIOS = {
     "steady": scenario(
@@ -522,19 +526,17 @@ SCENARIOS = {
         phase("10C", 10, 2, 10.0, fault=True, judged=True),
         get_share=0.2,
         checks=[
-            *each_phase(["3C", "10C"], "goodput_pct", ">=", 95),
-            *each_phase(["3C", "10C"], "p99_x", "<=", 2),
-            *each_phase(["3C", "10C"], "shed_p99_ms", "<=", 5),
+            *in_each_phase(["3C", "10C"], *PROMISE_UNDER_OVERLOAD),
             ("timeouts", "<=", 0),
             ("fault_amplification", "<=", 1.1),
         ],
         decisive="p99_x@3C",
-        figures="per phase, of the POSTs meant to leave in it: goodput_pct = successful POSTs/s "
-        "as a % of min(POSTs offered/s, C), which is C here; p99_x = accepted p99 / the "
-        "baseline phase's accepted p99, measured in the same run; "
-        "shed_p99_ms = p99 of the 429/503 answers (GETs too); fault_amplification = payment's "
-        "work per order sent in the overload phases. Decisive: p99_x@3C, the accepted p99 under "
-        "the seed's promise's sustained 3x as a multiple of the version's own 0.5x p99",
+        figures="""per phase, of the POSTs meant to leave in it: goodput_pct = successful POSTs/s
+        as a % of min(POSTs offered/s, C), which is C here; p99_x = accepted p99 / the baseline
+        phase's accepted p99, measured in the same run; shed_p99_ms = p99 of the 429/503 answers
+        (GETs too); fault_amplification = payment's work per order sent in the overload phases.
+        Decisive: p99_x@3C, the accepted p99 under the seed's promise's sustained 3x as a multiple
+        of the version's own 0.5x p99""",
     ),
     "capacity-drop": scenario(
         "0.8x capacity while payment loses half its workers for a while: does the limit follow?",
@@ -542,20 +544,20 @@ SCENARIOS = {
         phase("half", 10, 3, 0.8, {"workers": 2}, fault=True, judged=True),
         phase("after", 8, 5, 0.8, judged=True, settle_s=3),
         checks=[
-            *each_phase(["before", "half", "after"], "goodput_pct", ">=", 90),
+            *in_each_phase(["before", "half", "after"], ("goodput_pct", ">=", 90)),
             ("p99_x@half", "<=", 2),
             ("timeouts", "<=", 0),
         ],
         decisive="p99_x@half",
-        figures="per phase, of the POSTs meant to leave in it (in 'after', from 3 s after the "
-        "capacity's return: full goodput within 3 s): capacity then = payment's capacity_rps in "
-        "/stats while it lasts (the median of the samples; C/2 with 2 of its 4 workers); "
-        "goodput_pct = successful POSTs/s as a % of min(POSTs offered/s, capacity then); p99_x = "
-        "accepted p99 / what that capacity allows when healthy, which is the before phase's p99: "
-        "a call's service time does not change with the number of workers, and a healthy limit "
-        "follows capacity (Little's law: limit = capacity x latency), so each call waits behind "
-        "as many calls per worker as before. A static limit sized for 4 workers keeps twice as "
-        "many waiting per worker, and waits twice as long",
+        figures="""per phase, of the POSTs meant to leave in it (in 'after', from 3 s after the
+        capacity's return: full goodput within 3 s): capacity then = payment's capacity_rps in
+        /stats while it lasts (the median of the samples; C/2 with 2 of its 4 workers);
+        goodput_pct = successful POSTs/s as a % of min(POSTs offered/s, capacity then); p99_x =
+        accepted p99 / what that capacity allows when healthy, which is the before phase's p99: a
+        call's service time does not change with the number of workers, and a healthy limit
+        follows capacity (Little's law: limit = capacity x latency), so each call waits behind as
+        many calls per worker as before. A static limit sized for 4 workers keeps twice as many
+        waiting per worker, and waits twice as long""",
     ),
 }
 
@@ -1427,15 +1429,15 @@ def summarise(run):
         "recovery_s": figures["recovery_s"],
         "figures": figures,
         "decisive": run.scenario["decisive"],
-        "phases": [
-            {
-                k: p[k]
-                for k in ("name", "start", "end", "load", "rps", "payment", "shipping", "fault")
-            }
-            for p in run.phases
-        ],
+        "phases": [phase_summary(p) for p in run.phases],
         "timeline": timeline,
     }
+
+
+def phase_summary(phase):
+    """A phase as the result shows it: its name, span, load and faults."""
+    keys = ("name", "start", "end", "load", "rps", "payment", "shipping", "fault")
+    return {key: phase[key] for key in keys}
 
 
 def fault_window(phases):
@@ -1534,15 +1536,22 @@ def phase_figures(records, phases, capacity_rps, samples):
         judged = in_phase(records, p)
         length = p["end"] - p["start"] - p["settle_s"]
         posts = [r for r in judged if r.kind == "post"]
-        served_rps = sum(1 for r in posts if r.outcome == "ok") / length
-        wanted_rps = min(len(posts) / length, phase_capacity(p, samples, capacity_rps))
+        capacity = phase_capacity(p, samples, capacity_rps)
         p99 = percentile(accepted_latencies(judged), 99)
         shed = [r.latency for r in judged if r.outcome == "shed"]
         name = p["name"]
-        figures[f"goodput_pct@{name}"] = round(100 * served_rps / wanted_rps, 1) if posts else None
+        figures[f"goodput_pct@{name}"] = goodput_pct(posts, length, capacity)
         figures[f"p99_x@{name}"] = round(p99 / base_p99, 2) if p99 and base_p99 else None
         figures[f"shed_p99_ms@{name}"] = to_ms(percentile(shed, 99))
     return figures
+
+
+def goodput_pct(posts, length_s, capacity_rps):
+    """Successful POSTs/s as a % of min(POSTs offered/s, capacity); None without POSTs or time."""
+    if not posts or length_s <= 0:
+        return None
+    served_rps = sum(1 for r in posts if r.outcome == "ok") / length_s
+    return round(100 * served_rps / min(len(posts) / length_s, capacity_rps), 1)
 
 
 def in_phase(records, phase):
@@ -2039,6 +2048,13 @@ def svg_chart(lines, fault, title, unit, width=720, height=230):
         f'text-anchor="middle" transform="rotate(-90 12 {middle:.0f})">'
         f"{html.escape(unit)}</text>"
     )
+    out.append(svg_lines(lines, x, y, left))
+    return "".join(out) + "</svg>"
+
+
+def svg_lines(lines, x, y, left):
+    """Each (label, colour, points) as a polyline, and its entry in the legend above the chart."""
+    out = []
     for i, (label, colour, points) in enumerate(lines):
         path = " ".join(f"{x(t):.1f},{y(v):.1f}" for t, v in points if v is not None)
         out.append(
@@ -2046,7 +2062,7 @@ def svg_chart(lines, fault, title, unit, width=720, height=230):
             f'<rect x="{left + 8 + 66 * i}" y="22" width="12" height="4" fill="{colour}"/>'
             f'<text x="{left + 24 + 66 * i}" y="28" class="tick">{html.escape(label)}</text>'
         )
-    return "".join(out) + "</svg>"
+    return "".join(out)
 
 
 def time_ticks(t_end, x, y):
@@ -2550,6 +2566,12 @@ def add_how_options(parser):
         "--scenario", help="NAME[,NAME] or 'all' (default: steady + the version's story)"
     )
     parser.add_argument("--quick", action="store_true", help="short phases (for tests and CI)")
+    add_output_options(parser)
+    add_rate_options(parser)
+
+
+def add_output_options(parser):
+    """What is written besides the terminal's report, and what the exit code says."""
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     parser.add_argument(
         "--report", metavar="FILE.html", help="also write a self-contained HTML report (SVG charts)"
@@ -2562,6 +2584,10 @@ def add_how_options(parser):
         "whenever the runs completed: a version's story fails a scenario by design (like k6's "
         "thresholds or Locust's --exit-code-on-error, for CI)",
     )
+
+
+def add_rate_options(parser):
+    """How much load, for how long, from which seed."""
     parser.add_argument(
         "--rate",
         type=float,
@@ -2685,9 +2711,10 @@ def print_list(out):
             + f"   (decisive: {sc['decisive']})\n"
         )
         if "figures" in sc:
+            about_figures = " ".join(sc["figures"].split())  # one paragraph, however it is typed
             out.write(
                 textwrap.fill(
-                    sc["figures"], 96, initial_indent="    figures: ", subsequent_indent="      "
+                    about_figures, 96, initial_indent="    figures: ", subsequent_indent="      "
                 )
                 + "\n"
             )
@@ -2728,6 +2755,14 @@ def exit_status(results):
     return 0
 
 
+def run_responder(kind):
+    """--responder: a child of --calibrate, serving until its parent goes or Ctrl-C."""
+    try:
+        return asyncio.run(responder(kind, "127.0.0.1", 0))
+    except KeyboardInterrupt:
+        return 0
+
+
 def main(argv=None):
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM cleans up like Ctrl-C
@@ -2739,10 +2774,7 @@ def main(argv=None):
     out = sys.stdout
     try:
         if args.responder:
-            try:
-                return asyncio.run(responder(args.responder, "127.0.0.1", 0))
-            except KeyboardInterrupt:
-                return 0
+            return run_responder(args.responder)
         if args.list:
             print_list(out)
             return 0

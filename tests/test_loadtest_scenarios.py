@@ -152,3 +152,10 @@ def test_the_matrix_has_a_row_for_each_new_scenario():
     rows = {line.split()[0]: line for line in out.getvalue().splitlines() if line.startswith("   ")}
     assert "overload (p99_x@3C)" in rows["overload"] and "✗ 6.1" in rows["overload"] and "✓ 1.6" in rows["overload"]
     assert "✗ 4.0" in rows["capacity-drop"] and "✓ 1.2" in rows["capacity-drop"]
+
+
+def test_a_phase_with_no_time_left_after_settling_has_no_goodput_figure():
+    """--duration can shorten a phase below its settle time: no figure (the check says so), never a crash."""
+    assert loadtest.goodput_pct([record(0.0, 0.05)], 0.0, 100) is None
+    assert loadtest.goodput_pct([], 2.0, 100) is None
+    assert loadtest.goodput_pct([record(0.0, 0.05), record(0.5, 0.05, "shed")], 1.0, 100) == 50.0
