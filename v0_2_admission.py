@@ -226,10 +226,23 @@ def fulfilment_worker():
 
 
 # === HTTP FRONT DOOR ===
+# every route and the one method it allows; "/orders/{id}" stands for any one order
+ROUTES = {"/orders": "POST", "/orders/{id}": "GET", "/health": "GET"}
+
+
+def route_of(target):
+    """The route a request target names, origin-form (/orders) or absolute-form alike, or None."""
+    try:
+        path = urlsplit(target).path  # http://host/orders is /orders too (RFC 9112 section 3.2.2)
+    except ValueError:  # a bad host in absolute-form: http://[/health
+        return None
+    if path.startswith("/orders/") and path.count("/") == 2 and path != "/orders/":
+        return "/orders/{id}"
+    return path if path in ROUTES else None
 
 
 class OrdersHandler(BaseHTTPRequestHandler):
-    """The orders API: POST /orders, GET /orders/<id>, GET /health."""
+    """The orders API: the routes in ROUTES."""
 
     server_version = "orders"
     # headers and body in one packet: no 40 ms Nagle/delayed-ACK stall
@@ -259,12 +272,14 @@ class OrdersHandler(BaseHTTPRequestHandler):
         return True
 
     def do_GET(self):
-        path = urlsplit(self.path).path
-        if path == "/health":
+        route = route_of(self.path)
+        if route == "/health":
             return self.reply(200, {"status": "ok"})
-        order_id = path[len("/orders/") :] if path.startswith("/orders/") else None
-        if order_id and order_id in ORDERS:
+        order_id = urlsplit(self.path).path.removeprefix("/orders/")
+        if route == "/orders/{id}" and order_id in ORDERS:
             return self.reply(200, ORDERS[order_id])
+        if route == "/orders/{id}":
+            return self.error(404, "not found", f"no order {order_id!r}")
         self.do_other()
 
     def do_HEAD(self):
@@ -272,7 +287,7 @@ class OrdersHandler(BaseHTTPRequestHandler):
         self.do_GET()
 
     def do_POST(self):
-        if urlsplit(self.path).path != "/orders":
+        if route_of(self.path) != "/orders":
             return self.do_other()
         # read first: closing on unread bytes sends RST and loses our answer
         body = self.read_body()
@@ -298,13 +313,11 @@ class OrdersHandler(BaseHTTPRequestHandler):
 
     def do_other(self):
         """Unknown path: 404. Known path, wrong method: 405 with Allow."""
-        path = urlsplit(self.path).path
-        allow = {"/orders": "POST", "/health": "GET"}.get(path)
-        if path.startswith("/orders/") and path.count("/") == 2 and self.command != "GET":
-            allow = "GET"
-        if allow is None:
-            return self.error(404, "not found", f"no such path {path!r}")
-        self.error(405, "method not allowed", f"{path} allows {allow}", {"Allow": allow})
+        route = route_of(self.path)
+        if route is None:
+            return self.error(404, "not found", f"no such path {self.path!r}")
+        allow = ROUTES[route]
+        self.error(405, "method not allowed", f"{route} allows {allow}", {"Allow": allow})
 
     def __getattr__(self, name):
         """Any other method (PUT, DELETE, BREW...) is routed to do_other, never a 501."""
@@ -743,7 +756,9 @@ def announce(urls):
     if "orders" in urls:
         banner = (
             f"\n{__doc__.splitlines()[0]}\n"
-            f"  orders    {urls['orders']}   POST /orders, GET /orders/<id>, GET /health\n"
+            f"  orders    {urls['orders']}   "
+            + ", ".join(f"{method} {route}" for route, method in ROUTES.items())
+            + "\n"
             f"  payment   {urls['payment']}   chaos: POST /chaos, ground truth: GET /stats\n"
             f"  shipping  {urls['shipping']}   (the same)\nTry:\n"
             f"  curl -si {urls['orders']}/orders"

@@ -626,10 +626,23 @@ def fulfilment_worker():
 
 
 # === HTTP FRONT DOOR ===
+# every route and the one method it allows; "/orders/{id}" stands for any one order
+ROUTES = {"/orders": "POST", "/orders/{id}": "GET", "/health": "GET", "/metrics": "GET"}
+
+
+def route_of(target):
+    """The route a request target names, origin-form (/orders) or absolute-form alike, or None."""
+    try:
+        path = urlsplit(target).path  # http://host/orders is /orders too (RFC 9112 section 3.2.2)
+    except ValueError:  # a bad host in absolute-form: http://[/health
+        return None
+    if path.startswith("/orders/") and path.count("/") == 2 and path != "/orders/":
+        return "/orders/{id}"
+    return path if path in ROUTES else None
 
 
 class OrdersHandler(BaseHTTPRequestHandler):
-    """The orders API: POST /orders, GET /orders/<id>, GET /health."""
+    """The orders API: the routes in ROUTES."""
 
     server_version = "orders"
     # headers and body in one packet: no 40 ms Nagle/delayed-ACK stall
@@ -669,23 +682,25 @@ class OrdersHandler(BaseHTTPRequestHandler):
             urlsplit(self.path)  # an absolute-form target with a bad host raises: http://[/health
         except ValueError:
             return self.error(400, "bad request", "malformed request target")
-        client_id = self.headers.get("X-Request-Id", "")
-        # a caller's id joins its logs to ours
-        if 1 <= len(client_id) <= 64 and client_id.isprintable():
+        client_id = self.headers.get("X-Request-Id", "").strip(" \t")  # OWS is not part of it
+        # a caller's id joins its logs to ours; printable ASCII, or the log would show mojibake
+        if 1 <= len(client_id) <= 64 and client_id.isascii() and client_id.isprintable():
             CONTEXT.request_id = self.request_id = client_id
         return True
 
     def do_GET(self):
-        path = urlsplit(self.path).path
-        if path == "/health":
+        route = route_of(self.path)
+        if route == "/health":
             return self.reply(200, {"status": "ok"})
-        if path == "/metrics":
+        if route == "/metrics":
             # Prometheus' text format
             text_format = {"Content-Type": "text/plain; version=0.0.4; charset=utf-8"}
             return self.reply(200, METRICS.render(gauges()), text_format)
-        order_id = path[len("/orders/") :] if path.startswith("/orders/") else None
-        if order_id and order_id in ORDERS:
+        order_id = urlsplit(self.path).path.removeprefix("/orders/")
+        if route == "/orders/{id}" and order_id in ORDERS:
             return self.reply(200, ORDERS[order_id])
+        if route == "/orders/{id}":
+            return self.error(404, "not found", f"no order {order_id!r}")
         self.do_other()
 
     def do_HEAD(self):
@@ -693,7 +708,7 @@ class OrdersHandler(BaseHTTPRequestHandler):
         self.do_GET()
 
     def do_POST(self):
-        if urlsplit(self.path).path != "/orders":
+        if route_of(self.path) != "/orders":
             return self.do_other()
         # read first: closing on unread bytes sends RST and loses our answer
         body = self.read_body()
@@ -708,14 +723,17 @@ class OrdersHandler(BaseHTTPRequestHandler):
         key = None if keys is None else keys[0].strip(" \t")
         if keys is not None and (len(keys) > 1 or not 1 <= len(key) <= 255):
             return self.error(400, "invalid Idempotency-Key", "send one, of 1 to 255 characters")
-        budget_ms = self.headers.get("X-Deadline-Ms", str(DEADLINE_DEFAULT_MS))
-        if not (
+        budgets = self.headers.get_all("X-Deadline-Ms", [str(DEADLINE_DEFAULT_MS)])
+        budget_ms = budgets[0].strip(" \t")  # RFC 9110 section 5.5: no whitespace around a value
+        if len(budgets) > 1 or not (
             budget_ms.isascii()
             and budget_ms.isdigit()
             and len(budget_ms) <= 6
             and 0 < int(budget_ms) <= DEADLINE_MAX_MS
         ):
-            return self.error(400, "invalid X-Deadline-Ms", f"milliseconds, 1 to {DEADLINE_MAX_MS}")
+            return self.error(
+                400, "invalid X-Deadline-Ms", f"send one: milliseconds, 1 to {DEADLINE_MAX_MS}"
+            )
         # from when we accepted it: queueing counts
         CONTEXT.deadline = CONTEXT.accepted_at + int(budget_ms) / 1000
         # cannot finish in time: do no work
@@ -751,13 +769,11 @@ class OrdersHandler(BaseHTTPRequestHandler):
 
     def do_other(self):
         """Unknown path: 404. Known path, wrong method: 405 with Allow."""
-        path = urlsplit(self.path).path
-        allow = {"/orders": "POST", "/health": "GET", "/metrics": "GET"}.get(path)
-        if path.startswith("/orders/") and path.count("/") == 2 and self.command != "GET":
-            allow = "GET"
-        if allow is None:
-            return self.error(404, "not found", f"no such path {path!r}")
-        self.error(405, "method not allowed", f"{path} allows {allow}", {"Allow": allow})
+        route = route_of(self.path)
+        if route is None:
+            return self.error(404, "not found", f"no such path {self.path!r}")
+        allow = ROUTES[route]
+        self.error(405, "method not allowed", f"{route} allows {allow}", {"Allow": allow})
 
     def __getattr__(self, name):
         """Any other method (PUT, DELETE, BREW...) is routed to do_other, never a 501."""
@@ -798,14 +814,7 @@ class OrdersHandler(BaseHTTPRequestHandler):
         body = obj.encode() if isinstance(obj, str) else json.dumps(obj).encode()
         self.close_connection = True
         # RED per route, never per raw path: ids would explode the label values
-        path = self.path.split("?")[0]
-        endpoint = (
-            "/orders/{id}"
-            if path.startswith("/orders/")
-            else path
-            if path in ("/orders", "/health", "/metrics")
-            else "other"
-        )
+        endpoint = route_of(self.path) or "other"
         seconds = time.monotonic() - self.started
         method = self.command if self.command in ("GET", "POST") else "other"
         METRICS.add(
@@ -1310,7 +1319,9 @@ def announce(urls):
     if "orders" in urls:
         banner = (
             f"\n{__doc__.splitlines()[0]}\n"
-            f"  orders    {urls['orders']}   POST /orders, GET /orders/<id>, GET /health\n"
+            f"  orders    {urls['orders']}   "
+            + ", ".join(f"{method} {route}" for route, method in ROUTES.items())
+            + "\n"
             f"  payment   {urls['payment']}   chaos: POST /chaos, ground truth: GET /stats\n"
             f"  shipping  {urls['shipping']}   (the same)\nTry:\n"
             f"  curl -si {urls['orders']}/orders"
