@@ -989,6 +989,8 @@ def announce(urls):
 # Ctrl-C, SIGTERM: time to finish the requests in progress (healthy: ~50 ms) and ship the queue
 # (5 ms a shipment); short, so Ctrl-C stays prompt. gunicorn and Kubernetes give 30 s
 STOP_GRACE_S = 2.0
+# nothing shipped for this long: shipping is down or gone, and waiting on saves nothing
+STOP_STALL_S = 0.5
 
 
 def unshipped_orders():
@@ -1014,9 +1016,19 @@ def stop_gracefully(server):
     )
     deadline = time.monotonic() + STOP_GRACE_S
     try:
-        while time.monotonic() < deadline and (server.open_connections or unshipped_orders()):
-            time.sleep(0.05)  # polling: the request threads and the fulfilment worker run on
+        # polling: the request threads and the fulfilment worker run on meanwhile
+        while time.monotonic() < deadline and server.open_connections:
+            time.sleep(0.05)  # requests first: each one may still place an order
+        left = unshipped_orders()
+        shipped_at = time.monotonic()
+        while time.monotonic() < min(deadline, shipped_at + STOP_STALL_S) and left:
+            time.sleep(0.05)
+            if unshipped_orders() < left:
+                left = unshipped_orders()
+                shipped_at = time.monotonic()
     finally:
+        if server.open_connections:
+            sys.stderr.write(f"{server.open_connections} connections cut off unanswered\n")
         sys.stderr.write(
             f"{unshipped_orders()} acknowledged orders not shipped: they lived in memory\n"
         )
