@@ -210,9 +210,10 @@ def http_post(url, payload, headers, connect_timeout_s, timeout_s):
     # 409 still in flight, 429 and 5xx overloaded or failed; any other 4xx is final
     if resp.status >= 300:
         retryable = resp.status in (409, 429) or resp.status >= 500
-        hint = resp.getheader("Retry-After", "")
-        # seconds; an HTTP date is ignored
-        retry_after_s = int(hint) if hint.isascii() and hint.isdigit() else None
+        try:
+            retry_after_s = parse_digits(resp.getheader("Retry-After", ""), 6)  # seconds
+        except ValueError:
+            retry_after_s = None  # none, or an HTTP date: ignored
         raise DependencyError(502, f"{url} answered {resp.status}", retryable, retry_after_s)
     try:
         return json.loads(data)
@@ -259,15 +260,13 @@ def fulfilment_worker():
 
 
 # === HTTP FRONT DOOR ===
+# every route and the one method it allows; "/orders/{id}" stands for any one order
+ROUTES = {"/orders": "POST", "/orders/{id}": "GET", "/health": "GET"}
 
 
-class OrdersHandler(BaseHTTPRequestHandler):
-    """The orders API: POST /orders, GET /orders/<id>, GET /health."""
-
-    server_version = "orders"
-    # headers and body in one packet: no 40 ms Nagle/delayed-ACK stall
-    disable_nagle_algorithm = True
-    protocol_version = "HTTP/1.1"  # as all our answers say; and only 1.1 may send 100 Continue
+class OrdersAPI:
+    """The orders API, the routes in ROUTES: what a client of ours sees. It becomes
+    OrdersHandler below, on HTTPPlumbing, which does the protocol's corners."""
 
     def setup(self):
         super().setup()  # then read the request through a deadline: a trickle cannot pin a worker
@@ -275,45 +274,21 @@ class OrdersHandler(BaseHTTPRequestHandler):
             DeadlineReader(self.connection, time.monotonic() + CLIENT_READ_DEADLINE_S)
         )
 
-    def parse_request(self):
-        """http.server's parser, plus the RFC 9112 corners it misses; a refusal is a JSON 400."""
-        # section 2.2: skip an empty line before the request line
-        if self.raw_requestline in (b"\r\n", b"\n"):
-            self.raw_requestline = self.rfile.readline(65537)
-        # HTTP/0.9 "GET /path": the stdlib would wait for headers
-        if len(self.raw_requestline.split()) == 2:
-            # send_error needs them; the stdlib has not set them yet
-            self.requestline = ""
-            self.command = None
-            return self.send_error(400, "HTTP/0.9 is not supported: send HTTP/1.0 or HTTP/1.1")
-        if not super().parse_request():
-            return False
-        # a line with no colon: the stdlib reads it, and all after it, as the body
-        if self.headers.defects:
-            return self.error(400, "malformed header", "each header line is Name: value")
-        try:
-            urlsplit(self.path)  # an absolute-form target with a bad host raises: http://[/health
-        except ValueError:
-            return self.error(400, "bad request", "malformed request target")
-        return True
-
     def do_GET(self):
-        path = urlsplit(self.path).path
-        if path == "/health" and DEAD_THREADS:  # a worker that died: nothing it did still happens
+        route = route_of(self.path)
+        if route == "/health" and DEAD_THREADS:  # a worker that died: nothing it did still happens
             return self.error(503, "unhealthy", f"background thread died: {DEAD_THREADS}")
-        if path == "/health":
+        if route == "/health":
             return self.reply(200, {"status": "ok"})
-        order_id = path[len("/orders/") :] if path.startswith("/orders/") else None
-        if order_id and order_id in ORDERS:
+        order_id = urlsplit(self.path).path.removeprefix("/orders/")
+        if route == "/orders/{id}" and order_id in ORDERS:
             return self.reply(200, ORDERS[order_id])
+        if route == "/orders/{id}":
+            return self.error(404, "not found", f"no order {order_id!r}")
         self.do_other()
 
-    def do_HEAD(self):
-        # GET's answer without its body (RFC 9110 section 9.3.2): reply() leaves it out
-        self.do_GET()
-
     def do_POST(self):
-        if urlsplit(self.path).path != "/orders":
+        if route_of(self.path) != "/orders":
             return self.do_other()
         # read first: closing on unread bytes sends RST and loses our answer
         body = self.read_body()
@@ -336,46 +311,6 @@ class OrdersHandler(BaseHTTPRequestHandler):
             return exc.status, {"error": "payment failed", "detail": exc.detail}, {}
         answer = {k: order[k] for k in ("order_id", "status", "amount")}
         return 201, answer, {"Location": f"/orders/{order['order_id']}"}
-
-    def do_other(self):
-        """Unknown path: 404. Known path, wrong method: 405 with Allow."""
-        path = urlsplit(self.path).path
-        allow = {"/orders": "POST", "/health": "GET"}.get(path)
-        if path.startswith("/orders/") and path.count("/") == 2 and self.command != "GET":
-            allow = "GET"
-        if allow is None:
-            return self.error(404, "not found", f"no such path {path!r}")
-        self.error(405, "method not allowed", f"{path} allows {allow}", {"Allow": allow})
-
-    def __getattr__(self, name):
-        """Any other method (PUT, DELETE, BREW...) is routed to do_other, never a 501."""
-        if name.startswith("do_"):
-            return self.do_other
-        raise AttributeError(name)
-
-    def read_body(self):
-        """Read the request body, or answer 411/400/413 and return None."""
-        # two of them are a 400 (RFC 9112 section 6.3)
-        lengths = self.headers.get_all("Content-Length")
-        # OWS around is fine
-        length = None if lengths is None else ", ".join(v.strip(" \t") for v in lengths)
-        if length is None:
-            self.error(411, "length required", "send a Content-Length header")
-        # "²".isdigit() is True, int("²") fails; "5, 6" too
-        elif not (length.isascii() and length.isdigit()):
-            self.error(400, "bad request", "send one Content-Length: a non-negative integer")
-        # int() refuses 4,300+ digits: never ask it
-        elif len(length) > 9 or int(length) > MAX_BODY_BYTES:
-            self.error(413, "body too large", f"at most {MAX_BODY_BYTES} bytes")
-        else:
-            expect = self.headers.get("Expect", "").lower()  # the client waits ~1 s for it
-            if expect == "100-continue" and self.request_version == "HTTP/1.1":
-                super().handle_expect_100()
-            body = self.rfile.read(int(length))
-            if len(body) == int(length):
-                return body
-            self.error(400, "bad request", "body shorter than Content-Length")
-        return None
 
     def error(self, status, error, detail, headers=None):
         """Send a JSON error: what went wrong, and a detail to act on."""
@@ -400,17 +335,111 @@ class OrdersHandler(BaseHTTPRequestHandler):
         except OSError:
             pass  # the client has gone; nothing left to tell it
 
-    def send_error(self, code, message=None, explain=None):
-        """The standard library's own errors (bad request line, huge headers) as JSON too."""
-        self.request_version = "HTTP/1.0"  # a garbled request line leaves HTTP/0.9: no status line
-        self.error(code, HTTPStatus(code).phrase, message or explain or "")
+
+class HTTPPlumbing(BaseHTTPRequestHandler):
+    """Protocol plumbing, nothing about orders, the same in every version (a test holds it so):
+    the RFC 9110 and 9112 corners http.server misses, and its refusals JSON errors (self.error)."""
+
+    server_version = "orders"
+    # headers and body in one packet: no 40 ms Nagle/delayed-ACK stall
+    disable_nagle_algorithm = True
+    protocol_version = "HTTP/1.1"  # as all our answers say; and only 1.1 may send 100 Continue
+
+    def parse_request(self):
+        """http.server's parser, plus the RFC 9112 corners it misses; a refusal is a JSON 400."""
+        # section 2.2: skip an empty line before the request line
+        if self.raw_requestline in (b"\r\n", b"\n"):
+            self.raw_requestline = self.rfile.readline(65537)
+        # HTTP/0.9 "GET /path": the stdlib would wait for headers
+        if len(self.raw_requestline.split()) == 2:
+            # send_error needs them; the stdlib has not set them yet
+            self.requestline = ""
+            self.command = None
+            return self.send_error(400, "HTTP/0.9 is not supported: send HTTP/1.0 or HTTP/1.1")
+        if not super().parse_request():
+            return False
+        # a line with no colon: the stdlib reads it, and all after it, as the body
+        if self.headers.defects:
+            return self.error(400, "malformed header", "each header line is Name: value")
+        try:
+            urlsplit(self.path)  # an absolute-form target with a bad host raises: http://[/health
+        except ValueError:
+            return self.error(400, "bad request", "malformed request target")
+        return True
+
+    def do_HEAD(self):
+        # GET's answer without its body (RFC 9110 section 9.3.2): reply() leaves it out
+        self.do_GET()
+
+    def do_other(self):
+        """Unknown path: 404. Known path, wrong method: 405 with Allow."""
+        route = route_of(self.path)
+        if route is None:
+            return self.error(404, "not found", f"no such path {self.path!r}")
+        allow = ROUTES[route]
+        self.error(405, "method not allowed", f"{route} allows {allow}", {"Allow": allow})
+
+    def __getattr__(self, name):
+        """Any other method (PUT, DELETE, BREW...) is routed to do_other, never a 501."""
+        if name.startswith("do_"):
+            return self.do_other
+        raise AttributeError(name)
+
+    def read_body(self):
+        """Read the request body, or answer 411/400/413 and return None."""
+        # two of them are a 400 (RFC 9112 section 6.3); OWS around one is fine
+        lengths = self.headers.get_all("Content-Length")
+        if lengths is None:
+            return self.error(411, "length required", "send a Content-Length header")
+        try:
+            length = parse_digits(", ".join(v.strip(" \t") for v in lengths), 20)
+        except ValueError:
+            return self.error(400, "bad request", "send one Content-Length: a non-negative integer")
+        if length > MAX_BODY_BYTES:
+            return self.error(413, "body too large", f"at most {MAX_BODY_BYTES} bytes")
+        expect = self.headers.get("Expect", "").lower()  # the client waits ~1 s for it
+        if expect == "100-continue" and self.request_version == "HTTP/1.1":
+            super().handle_expect_100()
+        body = self.rfile.read(length)
+        if len(body) == length:
+            return body
+        self.error(400, "bad request", "body shorter than Content-Length")
 
     def handle_expect_100(self):
         """Expect: 100-continue: read_body sends it once it wants the body; a refusal is final."""
         return True
 
+    def send_error(self, code, message=None, explain=None):
+        """The standard library's own errors (bad request line, huge headers) as JSON too."""
+        self.request_version = "HTTP/1.0"  # a garbled request line leaves HTTP/0.9: no status line
+        self.error(code, HTTPStatus(code).phrase, message or explain or "")
+
     def log_message(self, format, *args):
         pass  # no access log: at hundreds of requests/s it would cost more than the work
+
+
+def route_of(target):
+    """The route a request target names, origin-form (/orders) or absolute-form alike, or None."""
+    try:
+        path = urlsplit(target).path  # http://host/orders is /orders too (RFC 9112 section 3.2.2)
+    except ValueError:  # a bad host in absolute-form: http://[/health
+        return None
+    if path.startswith("/orders/") and path.count("/") == 2 and path != "/orders/":
+        return "/orders/{id}"
+    return path if path in ROUTES else None
+
+
+def parse_digits(text, max_digits):
+    """A number in ASCII digits only, at most max_digits of them, or ValueError: the one parser
+    for every number we are sent. int() alone takes " 5", "+5", "5_0" and Arabic digits;
+    str.isdigit() alone takes "²", which int() refuses."""
+    if not (text.isascii() and text.isdigit() and len(text) <= max_digits):
+        raise ValueError(f"{text[:20]!r} is not a number of at most {max_digits} digits")
+    return int(text)
+
+
+class OrdersHandler(OrdersAPI, HTTPPlumbing):
+    """What OrdersServer runs for each connection: the orders API on the plumbing."""
 
 
 class DeadlineReader(io.RawIOBase):
@@ -627,13 +656,12 @@ class Dependency:
                 "a JSON object of " + ", ".join(f"{k} ({t.__name__})" for k, t in fields.items()),
             )
         budget_ms = headers.get("x-deadline-ms")  # relative, like gRPC's grpc-timeout
-        if budget_ms is not None and not (
-            budget_ms.isascii()
-            and budget_ms.replace(".", "", 1).isdigit()
-            # 400 digits: inf
-            and 0 < float(budget_ms) < float("inf")
-        ):
-            raise BadRequest(400, "X-Deadline-Ms is a positive number of milliseconds")
+        try:  # up to 8 digits, as grpc-timeout's
+            deadline_s = None if budget_ms is None else parse_digits(budget_ms, 8) / 1000
+        except ValueError:
+            deadline_s = 0
+        if deadline_s == 0:
+            raise BadRequest(400, "X-Deadline-Ms is a positive whole number of milliseconds")
         self.stats["calls"] += 1  # only now: a refused call must never reserve its Idempotency-Key
         self.calls[str(payload["ref"])] += 1
         key = headers.get("idempotency-key")
@@ -656,7 +684,7 @@ class Dependency:
             "gone": False,
             "eof": False,
             "committed": False,
-            "deadline": time.monotonic() + float(budget_ms) / 1000 if budget_ms else None,
+            "deadline": time.monotonic() + deadline_s if deadline_s else None,
             "done": asyncio.get_running_loop().create_future(),
         }
         watcher = asyncio.ensure_future(self.watch_caller(reader, job))
@@ -826,13 +854,16 @@ async def read_request(reader):
         if name.lower() == "content-length" and name.lower() in headers:
             raise BadRequest(400, "more than one Content-Length")
         headers[name.lower()] = value.strip()
-    length = headers.get("content-length", "0")
-    if "transfer-encoding" in headers or not (length.isascii() and length.isdigit()):
+    try:
+        length = parse_digits(headers.get("content-length", "0"), 20)
+    except ValueError:
+        length = -1  # a chunked body is refused alike: we read no Transfer-Encoding
+    if "transfer-encoding" in headers or length < 0:
         raise BadRequest(400, "frame the body with a Content-Length: a non-negative integer")
-    if len(length) > 9 or int(length) > MAX_BODY_BYTES:  # int() refuses 4,300+ digits: never ask it
+    if length > MAX_BODY_BYTES:
         raise BadRequest(413, f"a body of at most {MAX_BODY_BYTES} bytes")
     path, _, query = words[1].partition("?")
-    return words[0], path, query, headers, await reader.readexactly(int(length))
+    return words[0], path, query, headers, await reader.readexactly(length)
 
 
 async def respond(writer, status, obj):
@@ -858,7 +889,9 @@ def announce(urls):
     if "orders" in urls:
         banner = (
             f"\n{__doc__.splitlines()[0]}\n"
-            f"  orders    {urls['orders']}   POST /orders, GET /orders/<id>, GET /health\n"
+            f"  orders    {urls['orders']}   "
+            + ", ".join(f"{method} {route}" for route, method in ROUTES.items())
+            + "\n"
             f"  payment   {urls['payment']}   chaos: POST /chaos, ground truth: GET /stats\n"
             f"  shipping  {urls['shipping']}   (the same)\nTry:\n"
             f"  curl -si {urls['orders']}/orders"
@@ -882,6 +915,8 @@ def thread_died(args):
 # Ctrl-C, SIGTERM: time to finish the requests in progress (healthy: ~50 ms) and ship the queue
 # (5 ms a shipment); short, so Ctrl-C stays prompt. gunicorn and Kubernetes give 30 s
 STOP_GRACE_S = 2.0
+# nothing shipped for this long: shipping is down or gone, and waiting on saves nothing
+STOP_STALL_S = 0.5
 
 
 def unshipped_orders():
@@ -907,9 +942,19 @@ def stop_gracefully(server):
     )
     deadline = time.monotonic() + STOP_GRACE_S
     try:
-        while time.monotonic() < deadline and (server.open_connections or unshipped_orders()):
-            time.sleep(0.05)  # polling: the request threads and the fulfilment worker run on
+        # polling: the request threads and the fulfilment worker run on meanwhile
+        while time.monotonic() < deadline and server.open_connections:
+            time.sleep(0.05)  # requests first: each one may still place an order
+        left = unshipped_orders()
+        shipped_at = time.monotonic()
+        while time.monotonic() < min(deadline, shipped_at + STOP_STALL_S) and left:
+            time.sleep(0.05)
+            if unshipped_orders() < left:
+                left = unshipped_orders()
+                shipped_at = time.monotonic()
     finally:
+        if server.open_connections:
+            sys.stderr.write(f"{server.open_connections} connections cut off unanswered\n")
         sys.stderr.write(
             f"{unshipped_orders()} acknowledged orders not shipped: they lived in memory\n"
         )
@@ -972,9 +1017,13 @@ def is_loopback(host):
 
 def port_number(text):
     """--port: 0 (free ports for all), or one with room for payment and shipping after it."""
-    if not (text.isascii() and text.isdigit() and len(text) <= 5 and int(text) <= 65533):
+    try:
+        port = parse_digits(text, 5)
+    except ValueError:
+        port = 65534
+    if port > 65533:
         raise argparse.ArgumentTypeError(f"{text!r} is not a port from 0 to 65533")
-    return int(text)
+    return port
 
 
 def http_url(text):

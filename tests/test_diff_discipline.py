@@ -81,13 +81,14 @@ EVOLVING = ["CONFIG", "BUSINESS LOGIC (identical in every version)", "RELIABILIT
 def test_line_budget():
     """The part a learner reads (the evolving sections) stays short; the world and MAIN are
     identical or nearly so and fold away in a diff. Measured after the code was formatted one
-    statement per line within 100 columns, with a graceful stop and every hardening:
-    v0.1 334 lines, v0.7 667, v0.8 867, v1.0 927."""
+    statement per line within 100 columns: v0.1 305 lines, v0.7 647, v0.8 845, v1.0 895; the front
+    door's hardening (a graceful stop's connection count, Expect: 100-continue, one route table,
+    one digit parser, the protocol plumbing apart) added ~45 to every version."""
     evolving = {}
     for path in VERSIONS:
         evolving[version_id(path)] = sum(sections(path)[t].count("\n") for t in EVOLVING)
     print("\nlines in the evolving sections:", evolving)
-    assert evolving.get("v0_1", 0) <= 360, evolving
+    assert evolving.get("v0_1", 0) <= 375, evolving
     assert max(n for v, n in evolving.items() if v < "v0_8") <= 700, evolving
     assert max(evolving.values()) <= 1200, evolving  # v0.8's instrumentation, v1.0's composition
     for path in VERSIONS:
