@@ -330,8 +330,8 @@ def test_the_alert_rules_inputs_are_exposed(exposition):
     payment = [(n, labels, v) for n, labels, v in families["dependency_request_duration_seconds"]["samples"]
                if labels.get("dependency") == "payment"]
     assert any(n.endswith("_count") and v >= 1 for n, _, v in payment), f"the placed order's charge: {payment}"
-    assert any(n.endswith("_bucket") and labels.get("le") == "0.1" for n, labels, _ in payment), \
-        'PaymentSlow reads le="0.1": that bucket boundary must exist'
+    assert any(n.endswith("_bucket") and labels.get("le") == "0.075" for n, labels, _ in payment), \
+        'PaymentSlow reads le="0.075": that bucket boundary must exist'
     states = {labels.get("state") for _, labels, _ in families["circuit_breaker_state"]["samples"]
               if labels.get("dependency") == "payment"}
     assert "open" in states, states
