@@ -26,6 +26,7 @@ import json
 import os
 import queue
 import random
+import selectors
 import select
 import signal
 import socket
@@ -48,7 +49,7 @@ MAX_BODY_BYTES = 64 * 1024  # larger request bodies get 413
 CATALOG_CENTS = {"book": 1200, "mug": 800, "pen": 150}
 MAX_QTY = 1000
 SEED = 42  # all randomness comes from random.Random(SEED)
-MAX_ATTEMPTS = 3  # one try and two retries at most (DESIGN: <= 3); 5 layers x 3 tries would be 243x
+MAX_ATTEMPTS = 3  # one try, two retries (AWS, gRPC: <= 3 attempts); 5 layers x 3 tries: 243x
 ADMIT_RATE_RPS = 90  # 90% of C: random arrivals at utilisation -> 1 queue without bound
 ADMIT_BURST = 10  # absorbs a short burst without shedding; small, so queueing stays small
 ORDER_WORKERS = 8  # Little's law: 100 orders/s x ~50 ms each = 5 busy on average; 8 leaves headroom
@@ -468,10 +469,9 @@ class OrdersAPI:
     OrdersHandler below, on HTTPPlumbing, which does the protocol's corners."""
 
     def setup(self):
-        super().setup()  # then read the request through a deadline: a trickle cannot pin a worker
-        self.rfile = io.BufferedReader(
-            DeadlineReader(self.connection, time.monotonic() + CLIENT_READ_DEADLINE_S)
-        )
+        self.request, received = self.request  # the socket, and what RequestReader read
+        super().setup()
+        self.rfile = io.BytesIO(received)  # the whole request: no read here waits on a client
 
     def do_GET(self):
         route = route_of(self.path)
@@ -657,19 +657,151 @@ class OrdersHandler(OrdersAPI, HTTPPlumbing):
     """What OrdersServer runs for each connection: the orders API on the plumbing."""
 
 
-class DeadlineReader(io.RawIOBase):
-    """A socket's reads, which must all be done by `deadline` (timeout= alone is per read)."""
+class PendingRequest:
+    """The bytes of one request read so far: whole yet?"""
 
-    def __init__(self, sock, deadline):
-        self.sock = sock
-        self.deadline = deadline
+    def __init__(self, client_address):
+        self.client_address = client_address
+        self.data = b""
+        self.deadline = time.monotonic() + CLIENT_READ_DEADLINE_S
+        self.continued = False  # "100 Continue" sent
 
-    def readable(self):
-        return True
+    def head_end(self):
+        """Where the body starts, or -1 while the head is still coming."""
+        for blank in (b"\r\n\r\n", b"\n\n"):
+            end = self.data.find(blank)
+            if end >= 0:
+                return end + len(blank)
+        return -1
 
-    def readinto(self, buffer):
-        self.sock.settimeout(max(0.001, self.deadline - time.monotonic()))
-        return self.sock.recv_into(buffer)
+    def whole(self):
+        """Read enough for a worker? Anything odd goes on at once: the handler answers it."""
+        line, newline, _ = self.data.lstrip(b"\r\n").partition(b"\n")
+        if newline and len(line.split()) != 3:
+            return True  # not METHOD TARGET HTTP/1.x (HTTP/0.9 has two words)
+        end = self.head_end()
+        if end < 0:
+            return len(self.data) > MAX_BODY_BYTES  # a head this long: the handler says 431
+        lengths = []
+        for header in self.data[:end].split(b"\n")[1:]:
+            name, _, value = header.partition(b":")
+            if name.strip().lower() == b"content-length":
+                lengths.append(value.strip())
+        if len(lengths) != 1 or not lengths[0].isdigit() or len(lengths[0]) > 9:
+            return True  # no body, or no length to wait for: the handler says which
+        if int(lengths[0]) > MAX_BODY_BYTES or self.expects_continue() and not self.is_order():
+            return True  # refused unread: the handler answers 413, 404 or 405, and no 100
+        return len(self.data) - end >= int(lengths[0])
+
+    def is_order(self):
+        method, target, _ = self.data.lstrip(b"\r\n").split(b" ", 2)
+        return method == b"POST" and route_of(target.decode("latin-1")) == "/orders"
+
+    def expects_continue(self):
+        """Expect: 100-continue in HTTP/1.1: the client waits for our word to send the body."""
+        head = self.data[: self.head_end()].lower()
+        request_line = head.lstrip(b"\r\n").split(b"\n")[0]
+        return request_line.rstrip().endswith(b"http/1.1") and b"expect: 100-continue" in head
+
+    def for_worker(self):
+        """The request as a worker reads it: an expectation already met is not passed on."""
+        if not self.continued:
+            return self.data
+        end = self.head_end()
+        lines = self.data[:end].split(b"\n")
+        kept = [line for line in lines if not line.lower().startswith(b"expect:")]
+        return b"\n".join(kept) + self.data[end:]
+
+
+class RequestReader:
+    """Read each request whole before any worker sees it, as nginx does: a slow or idle client
+    costs a socket and a few bytes, never a worker. One thread, one selector; a request not
+    whole within CLIENT_READ_DEADLINE_S is answered 408."""
+
+    def __init__(self, server):
+        self.server = server
+        self.selector = selectors.DefaultSelector()
+        self.pending = {}  # socket -> PendingRequest, oldest first (dicts keep their order)
+        self.arrived = queue.SimpleQueue()  # new connections, from the accepting thread
+        self.wakeup, self.waker = socket.socketpair()
+        self.selector.register(self.wakeup, selectors.EVENT_READ)
+        threading.Thread(target=self.run, daemon=True).start()
+
+    def add(self, sock, client_address):
+        """From the accepting thread: read this connection's request."""
+        self.arrived.put((sock, client_address))
+        self.waker.send(b"!")
+
+    def run(self):
+        while True:
+            for key, _ in self.selector.select(timeout=0.05):
+                if key.fileobj is self.wakeup:
+                    self.take_arrived()
+                else:
+                    self.read(key.fileobj)
+            self.time_out_late()
+
+    def take_arrived(self):
+        self.wakeup.recv(4096)
+        while not self.arrived.empty():
+            sock, client_address = self.arrived.get()
+            sock.setblocking(False)
+            self.pending[sock] = PendingRequest(client_address)
+            self.selector.register(sock, selectors.EVENT_READ)
+
+    def read(self, sock):
+        request = self.pending[sock]
+        try:
+            chunk = sock.recv(65536)
+        except BlockingIOError:
+            return
+        except OSError:
+            chunk = b""  # reset: the handler finds the request cut short
+        request.data += chunk
+        if chunk and not request.whole():
+            if request.head_end() >= 0 and request.expects_continue() and not request.continued:
+                request.continued = True  # RFC 9110 section 10.1.1: we want the body
+                send_now(sock, b"HTTP/1.1 100 Continue\r\n\r\n")
+            return
+        self.forget(sock)
+        sock.setblocking(True)
+        self.server.dispatch(sock, request.client_address, request.for_worker())
+
+    def time_out_late(self):
+        """408 to requests not whole in time; the oldest come first: stop at the first in time."""
+        now = time.monotonic()
+        late = []
+        for sock, request in self.pending.items():
+            if now < request.deadline:
+                break
+            late.append(sock)
+        for sock in late:
+            self.forget(sock)
+            detail = f"send the whole request within {CLIENT_READ_DEADLINE_S} s"
+            send_now(sock, answer_bytes(408, {"error": "request timeout", "detail": detail}))
+            self.server.shutdown_request(sock)
+
+    def forget(self, sock):
+        self.selector.unregister(sock)
+        del self.pending[sock]
+
+
+def answer_bytes(status, obj, headers=""):
+    """A whole JSON answer as bytes, for the threads that answer without a handler."""
+    body = json.dumps(obj).encode()
+    head = (
+        f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\nContent-Type: application/json\r\n"
+        f"{headers}Connection: close\r\nContent-Length: {len(body)}\r\n\r\n"
+    )
+    return head.encode() + body
+
+
+def send_now(sock, data):
+    """A few bytes into an empty send buffer: never blocks, and a client gone is no error."""
+    try:
+        sock.send(data)
+    except OSError:
+        pass
 
 
 class OrdersServer(HTTPServer):
@@ -686,29 +818,34 @@ class OrdersServer(HTTPServer):
     def __init__(self, address, handler):
         super().__init__(address, handler)
         self.accepted = queue.Queue(ACCEPT_QUEUE_MAX)
+        self.reader = RequestReader(self)
         for _ in range(ORDER_WORKERS):
             threading.Thread(target=self.work, daemon=True).start()
 
     def process_request(self, request, client_address):
-        """serve_forever calls this for every new connection: queue it, or shed it if full."""
+        """serve_forever calls this for every new connection: RequestReader reads it first."""
+        self.reader.add(request, client_address)
+
+    def dispatch(self, request, client_address, received):
+        """A request read whole: queue it for a worker, or shed it if the queue is full."""
         try:
-            self.accepted.put_nowait((request, client_address))
+            self.accepted.put_nowait((request, client_address, received))
         except queue.Full:
             self.shed(request)
 
     def work(self):
         """One pool thread: serve queued connections one after another, forever."""
         while True:
-            request, client_address = self.accepted.get()
+            request, client_address, received = self.accepted.get()
             try:
-                self.finish_request(request, client_address)
+                self.finish_request((request, received), client_address)
             except Exception:
                 self.handle_error(request, client_address)
             finally:
                 self.shutdown_request(request)
 
     def shed(self, request):
-        """Answer 503 from the accepting thread, in microseconds, without taking a worker."""
+        """Answer 503 from the reader's thread, in microseconds, without taking a worker."""
         request.setblocking(False)
         try:
             # drain what has arrived: closing on unread bytes sends RST

@@ -1,4 +1,4 @@
-"""The contract every version keeps (DESIGN.md section 2), run against each version file as real processes.
+"""The contract every version keeps (the API in the README), run against each version file as real processes.
 
 API, bad input (never a 5xx, a hang or a traceback), the simulators' chaos and ground-truth endpoints,
 and the process rules: clean shutdown on SIGTERM/SIGINT, no orphans after SIGKILL, one role alone.

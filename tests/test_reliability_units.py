@@ -111,7 +111,7 @@ def test_the_accept_queue_gauge_never_reads_below_zero(path):
     server = module.OrdersServer(("127.0.0.1", 0), module.OrdersHandler)
     try:
         server.accepted = Spy(1)
-        server.process_request(socket.socket(), ("127.0.0.1", 1))
+        server.dispatch(socket.socket(), ("127.0.0.1", 1), b"GET /health HTTP/1.1\r\n\r\n")
         assert seen == [1], "counted after the put: a worker's -1 could come first"
     finally:
         server.server_close()
