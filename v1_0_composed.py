@@ -939,11 +939,13 @@ class PendingRequest:
             name, _, value = header.partition(b":")
             if name.strip().lower() == b"content-length":
                 lengths.append(value.strip())
-        if len(lengths) != 1 or not lengths[0].isdigit() or len(lengths[0]) > 9:
-            return True  # no body, or no length to wait for: the handler says which
-        if int(lengths[0]) > MAX_BODY_BYTES or self.expects_continue() and not self.is_order():
+        try:
+            length = parse_digits(b", ".join(lengths).decode("latin-1"), 9)
+        except ValueError:
+            return True  # no length, or none to wait for: the handler says which
+        if length > MAX_BODY_BYTES or self.expects_continue() and not self.is_order():
             return True  # refused unread: the handler answers 413, 404 or 405, and no 100
-        return len(self.data) - end >= int(lengths[0])
+        return len(self.data) - end >= length
 
     def is_order(self):
         method, target, _ = self.data.lstrip(b"\r\n").split(b" ", 2)
@@ -1183,7 +1185,7 @@ class Dependency:
         """Serve one connection: one request, one answer, close."""
         try:
             method, path, query, headers, body = await asyncio.wait_for(
-                read_request(reader), REQUEST_READ_S
+                read_request(reader, writer), REQUEST_READ_S
             )
             if (method, path) == ("POST", "/chaos"):
                 await respond(
@@ -1444,7 +1446,7 @@ class Dependency:
         dispatcher.cancel()
 
 
-async def read_request(reader):
+async def read_request(reader, writer):
     """Read one HTTP/1.x request: (method, path, query, headers, body), or raise BadRequest."""
     lines = []
     size = 0
@@ -1477,6 +1479,10 @@ async def read_request(reader):
         raise BadRequest(400, "frame the body with a Content-Length: a non-negative integer")
     if length > MAX_BODY_BYTES:
         raise BadRequest(413, f"a body of at most {MAX_BODY_BYTES} bytes")
+    if words[0] == "POST" and "content-length" not in headers:
+        raise BadRequest(411, "send a Content-Length header")  # as orders does: no guessing
+    if headers.get("expect", "").lower() == "100-continue" and length:
+        writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")  # the caller waits for it to send the body
     path, _, query = words[1].partition("?")
     return words[0], path, query, headers, await reader.readexactly(length)
 
@@ -1630,11 +1636,16 @@ def start_child(role, host, port, seed, allow_remote):
             lines.put(line)
 
     threading.Thread(target=read_lines, daemon=True).start()
-    try:
-        return proc, json.loads(lines.get(timeout=15).split(" ", 1)[1])[role]
-    except (queue.Empty, IndexError, ValueError, KeyError):
-        proc.kill()
-        raise SystemExit(f"{role} did not start (exit code {proc.poll()})") from None
+    deadline = time.monotonic() + 15
+    while proc.poll() is None and time.monotonic() < deadline:  # a child that died: say so now
+        try:
+            return proc, json.loads(lines.get(timeout=0.1).split(" ", 1)[1])[role]
+        except queue.Empty:
+            continue
+        except (IndexError, ValueError, KeyError):
+            break
+    proc.kill()
+    raise SystemExit(f"{role} did not start (exit code {proc.wait()})")
 
 
 def base_url(host, port):
@@ -1652,13 +1663,13 @@ def is_loopback(host):
 
 
 def port_number(text):
-    """--port: 0 (free ports for all), or one with room for payment and shipping after it."""
+    """--port: 0 (free ports for all), or a port; main checks the room for payment and shipping."""
     try:
         port = parse_digits(text, 5)
     except ValueError:
-        port = 65534
-    if port > 65533:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a port from 0 to 65533")
+        port = 65536
+    if port > 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port from 0 to 65535")
     return port
 
 
@@ -1712,6 +1723,13 @@ def main(argv=None):
         parser.error(
             f"--host {args.host!r} is not loopback: other machines could reach /chaos and /stats; "
             "--allow-remote if you mean it"
+        )
+    if args.role in (None, "orders") and (args.port or 0) > 65533:
+        parser.error(f"--port {args.port}: payment and shipping take the next two; at most 65533")
+    if args.role == "orders" and args.port == 0 and None in (args.payment_url, args.shipping_url):
+        parser.error(
+            "--role orders --port 0 cannot guess where payment and shipping are: "
+            "give --payment-url and --shipping-url"
         )
     if not is_loopback(args.host) and not args.child:
         print(
@@ -1787,7 +1805,7 @@ def main(argv=None):
         for child in children:
             try:
                 child.wait(timeout=5)
-            except subprocess.TimeoutExpired:
+            except (subprocess.TimeoutExpired, KeyboardInterrupt):  # a second Ctrl-C: at once
                 child.kill()
 
 
