@@ -58,6 +58,7 @@ MAX_RATE_RPS = 20000
 MAX_CAPACITY_RPS = 10000  # C; the built-in simulators have C = 100
 MAX_DURATION_S = 600  # --duration: ten minutes is a soak, not a lesson
 MAX_PLANNED_REQUESTS = 1_000_000  # a plan and its records cost ~250 bytes a request: ~250 MB
+MIN_PLANNED_REQUESTS = 10  # fewer measure nothing: a p99 of 3 requests is not a figure
 # a socket per request in flight, here and in the orders process it starts
 OPEN_FILES_WANTED = 10240
 # This API's answers are under 1 KiB: more (or a head that never ends) is a broken or hostile
@@ -670,6 +671,11 @@ def plan_problem(name, scenario, capacity_rps, quick, duration_s=None, rate_rps=
             "lower --rate or --capacity"
         )
     count = sum(length * rps for _, length, rps in rates)
+    if count < MIN_PLANNED_REQUESTS:
+        return (
+            f"{name} would plan ~{count:.2g} requests: too few to measure anything "
+            f"(at least {MIN_PLANNED_REQUESTS}); raise --rate, --capacity or --duration"
+        )
     if count > MAX_PLANNED_REQUESTS:
         return (
             f"{name} would plan ~{count:,.0f} requests (limit {MAX_PLANNED_REQUESTS:,} per run): "
@@ -1112,9 +1118,11 @@ def request_maker(run):
                 run.acked.setdefault(ref, loop.time() - run.load.t0)
                 if run.scenario.get("get_share"):
                     try:
-                        ids.append(json.loads(data)["order_id"])
+                        order_id = json.loads(data)["order_id"]
                     except (ValueError, KeyError, TypeError):
-                        pass
+                        return
+                    if isinstance(order_id, str) and order_id.isascii() and order_id.isprintable():
+                        ids.append(order_id)  # an id we could not put in a request line is not read
 
         return Request("post", [Attempt(host, port, message, on_answer, True)] * (1 + retries))
 
@@ -1342,6 +1350,8 @@ def attached_target(args):
 async def run_scenario_on(args, target, name, progress, spawner, following):
     """run_scenario with the command line's settings, C read from payment unless --capacity."""
     # C: --capacity, else what payment says. --rate, if given, sets the offered load instead.
+    for role in ("payment", "shipping"):
+        await set_chaos(target, role, {})  # chaos left behind (a workers knob) must not set C
     capacity = args.capacity or capacity_of(await stats(target, "payment"))
     problem = plan_problem(name, SCENARIOS[name], capacity, args.quick, args.duration, args.rate)
     if problem:  # C read from /stats can differ from the default parse_args checked with
