@@ -7,6 +7,7 @@ against shipping's ground truth (`GET /stats?refs=1`). A second Ctrl-C stops at 
 the terminal (SIGINT to the whole process group) leaves payment and shipping running until orders
 is done with them, then stops all three.
 """
+import contextlib
 import http.client
 import json
 import os
@@ -90,14 +91,29 @@ def wait_exit(proc, timeout_s):
 CASES = [("healthy", {}, True), ("shipping down", {"down": 1}, False)]
 
 
+@contextlib.contextmanager
+def orders_on_its_own(path):
+    """payment, shipping and orders as three --role processes, so only orders gets the signal;
+    all three stopped afterwards, whatever happens."""
+    payment, payment_url = start_role(path, "payment")
+    shipping, shipping_url = start_role(path, "shipping")
+    try:
+        orders = Service(path, "--role", "orders", "--payment-url", payment_url,
+                         "--shipping-url", shipping_url)
+        try:
+            yield orders, payment_url, shipping_url
+        finally:
+            orders.stop()
+    finally:
+        stop_role(shipping)
+        stop_role(payment)
+
+
 @pytest.mark.parametrize("label, shipping_chaos, all_shipped", CASES, ids=[c[0] for c in CASES])
 @pytest.mark.parametrize("path", VERSIONS, ids=version_id)
 def test_sigterm_under_load_finishes_what_it_accepted_and_counts_what_is_left(path, label, shipping_chaos,
                                                                              all_shipped):
-    payment, payment_url = start_role(path, "payment")
-    shipping, shipping_url = start_role(path, "shipping")
-    orders = Service(path, "--role", "orders", "--payment-url", payment_url, "--shipping-url", shipping_url)
-    try:
+    with orders_on_its_own(path) as (orders, payment_url, shipping_url):
         assert request(shipping_url + "/chaos", "POST", shipping_chaos, JSON_HEADERS)[0] == 200
         # 160 ms a charge: under every version's timeout, and long enough that requests are in
         # progress, waiting on payment, when SIGTERM comes
@@ -119,18 +135,11 @@ def test_sigterm_under_load_finishes_what_it_accepted_and_counts_what_is_left(pa
             # nothing can ship: it stops once the requests are answered, not at the grace's end
             assert left == len(acked) > 0 and took_s < GRACE_S, (left, len(acked), took_s)
         assert "Traceback" not in orders.stderr(), orders.stderr()[-2000:]
-    finally:
-        orders.stop()
-        stop_role(shipping)
-        stop_role(payment)
 
 
 @pytest.mark.parametrize("path", VERSIONS, ids=version_id)
 def test_a_second_ctrl_c_stops_at_once(path):
-    payment, payment_url = start_role(path, "payment")
-    shipping, shipping_url = start_role(path, "shipping")
-    orders = Service(path, "--role", "orders", "--payment-url", payment_url, "--shipping-url", shipping_url)
-    try:
+    with orders_on_its_own(path) as (orders, payment_url, shipping_url):
         request(shipping_url + "/chaos", "POST", {"down": 1}, JSON_HEADERS)  # nothing ships
         status, _, body = request(orders.urls["orders"] + "/orders", "POST", order_body(ref="second"), JSON_HEADERS)
         assert status == 201, body
@@ -148,10 +157,6 @@ def test_a_second_ctrl_c_stops_at_once(path):
         assert left_unshipped(orders.stderr()) == 1
         assert "1 connections cut off unanswered" in orders.stderr(), orders.stderr()
         assert "Traceback" not in orders.stderr(), orders.stderr()[-2000:]
-    finally:
-        orders.stop()
-        stop_role(shipping)
-        stop_role(payment)
 
 
 @pytest.mark.parametrize("path", VERSIONS, ids=version_id)
