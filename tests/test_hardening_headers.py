@@ -60,7 +60,7 @@ def test_header_and_target_corners(service, version_path):
         if version_id(version_path) < first:
             continue
         data = data.replace(b"{origin}", origin)
-        status, headers, body = send_unless_shed(lambda svc: raw_exchange(url, data), service)
+        status, headers, body = send_unless_shed(lambda svc, data=data: raw_exchange(url, data), service)
         head = "".join(f"\r\n{k}: {v}" for k, v in headers.items()) + "\r\n"
         if status != want:
             problems.append(f"{label}: {status}, expected {want}: {body!r:.200}")
