@@ -19,6 +19,7 @@ import argparse
 import asyncio
 import collections
 import contextlib
+import gc
 import glob
 import html
 import ipaddress
@@ -43,6 +44,10 @@ CLIENT_TIMEOUT_S = 5.0  # a user's patience: after this the client gives up (cou
 MAX_IN_FLIGHT = 3000  # open loop, but bounded: requests over the cap are counted as "capped"
 DEFAULT_CAPACITY_RPS = 100.0  # C, when it cannot be read from payment's /stats
 SAMPLE_EVERY_S = 0.25  # ground truth and process sampling period during a run
+# The event loop's timers wake in whole milliseconds (epoll_wait rounds up), so up to 1 ms late: the
+# load wakes this much before a request is due and sends what is due by then, timing each request
+# from its schedule or from when it really left, whichever came first (never shorter than it was).
+SEND_EARLY_S = 0.001
 # a second counts as recovered when nothing in it failed, <= 10% was shed and its p99 is <= this
 RECOVERED_P99_MS = 500
 # After the load, the drain waits for fulfilment until every acknowledged order has shipped, nothing
@@ -52,6 +57,10 @@ DRAIN_IDLE_S = 1.5
 # Measured here: a run beside other work flipped a verdict at a lag p99 of 160 ms; a run alone lags
 # 2-5 ms (p99).
 UNTRUSTED_LAG_MS = 50
+# Its lag only ever adds to a latency it measures, so it can fail a millisecond bound alone: a
+# failed "<= bound ms" check counts only if the lag p99 is under a quarter of the bound (the 4:1
+# test accuracy ratio of metrology), else the run is untrusted and run once more.
+TEST_ACCURACY_RATIO = 4
 # Limits, checked before anything starts: a typo must not become a load that eats the machine.
 # offered req/s, at any phase's peak: 4x what --calibrate measures one loop can keep
 MAX_RATE_RPS = 20000
@@ -284,7 +293,7 @@ class Load:
         n = len(self.plan)
         while i < n:
             now = loop.time()
-            while i < n and self.t0 + self.plan[i][0] <= now:
+            while i < n and self.t0 + self.plan[i][0] <= now + SEND_EARLY_S:
                 offset, kind = self.plan[i]
                 if self.in_flight >= self.max_in_flight:
                     self.records.append(Record(offset, 0.0, 0.0, kind, "capped", 0, 0))
@@ -298,7 +307,8 @@ class Load:
             if on_tick:
                 on_tick(now - self.t0)
             if i < n:
-                await asyncio.sleep(max(0.0, self.t0 + self.plan[i][0] - loop.time()))
+                due = self.t0 + self.plan[i][0] - SEND_EARLY_S
+                await asyncio.sleep(max(0.0, due - loop.time()))
         if tasks:
             await asyncio.gather(*tasks)
 
@@ -306,7 +316,9 @@ class Load:
         """One logical request, maybe several attempts (clients that retry), timed from intent."""
         loop = asyncio.get_running_loop()
         intended = self.t0 + offset
-        lag = loop.time() - intended
+        lag = max(0.0, loop.time() - intended)
+        # late, timed from its schedule (coordinated omission); early, from when it really left
+        timed_from = min(intended, loop.time())
         deadline = intended + self.client_timeout_s
         status = 0
         outcome = "conn"
@@ -335,7 +347,7 @@ class Load:
         finally:
             self.in_flight -= 1
         self.records.append(
-            Record(offset, lag, loop.time() - intended, request.kind, outcome, status, attempts)
+            Record(offset, lag, loop.time() - timed_from, request.kind, outcome, status, attempts)
         )
 
 
@@ -500,7 +512,7 @@ SCENARIOS = {
         "0.5x capacity; payment gets slowly worse: "
         "does a metric alert fire before users see errors?",
         healthy_before(3, 0, 0.5),
-        *ramp(8, 16, 10, 0.5, 3, quick_steps=6),
+        *ramp(8, 16, 10, 0.5, 3, quick_steps=5),
         healthy_after(4, 0, 0.5),
         checks=[("alert_lead_s", ">=", 1.0)],
         decisive="alert_lead_s",
@@ -522,36 +534,37 @@ SCENARIOS = {
     ),
     "overload": scenario(
         "0.5x capacity, then sustained 3x and 10x: does the excess cost the accepted anything?",
-        phase("baseline", 5, 2, 0.5, base=True),
+        phase("baseline", 5, 1.5, 0.5, judged=True, base=True),
         phase("3C", 10, 2, 3.0, fault=True, judged=True),
-        phase("10C", 10, 2, 10.0, fault=True, judged=True),
+        phase("10C", 10, 3, 10.0, fault=True, judged=True),
         get_share=0.2,
         checks=[
             *in_each_phase(["3C", "10C"], *PROMISE_UNDER_OVERLOAD),
             ("timeouts", "<=", 0),
             ("fault_amplification", "<=", 1.1),
         ],
-        decisive="p99_x@3C",
+        decisive="shed_p99_ms@3C",
         figures="""per phase, of the POSTs meant to leave in it: goodput_pct = successful POSTs/s
         as a % of min(POSTs offered/s, C), which is C here; p99_x = accepted p99 / the baseline
         phase's accepted p99, measured in the same run; shed_p99_ms = p99 of the 429/503 answers
         (GETs too); fault_amplification = payment's work per order sent in the overload phases.
-        Decisive: p99_x@3C, the accepted p99 under the seed's promise's sustained 3x as a multiple
-        of the version's own 0.5x p99""",
+        Decisive: shed_p99_ms@3C, how long the excess of a sustained 3x waits to hear "no": a
+        refusal decided after a queue costs the accepted their places in it too""",
     ),
     "capacity-drop": scenario(
         "0.8x capacity while payment loses half its workers for a while: does the limit follow?",
         phase("before", 5, 2, 0.8, judged=True, base=True),
-        phase("half", 10, 3, 0.8, {"workers": 2}, fault=True, judged=True),
-        phase("after", 8, 5, 0.8, judged=True, settle_s=3),
+        phase("half", 10, 3, 0.8, {"workers": 2}, fault=True, judged=True, settle_s=1),
+        phase("after", 8, 4, 0.8, judged=True, settle_s=3),
         checks=[
             *in_each_phase(["before", "half", "after"], ("goodput_pct", ">=", 90)),
             ("p99_x@half", "<=", 2),
             ("timeouts", "<=", 0),
         ],
         decisive="p99_x@half",
-        figures="""per phase, of the POSTs meant to leave in it (in 'after', from 3 s after the
-        capacity's return: full goodput within 3 s): capacity then = payment's capacity_rps in
+        figures="""per phase, of the POSTs meant to leave in it (in 'half', from 1 s after the
+        drop: a limit has a second to follow it; in 'after', from 3 s after the capacity's
+        return: full goodput within 3 s): capacity then = payment's capacity_rps in
         /stats while it lasts (the median of the samples; C/2 with 2 of its 4 workers);
         goodput_pct = successful POSTs/s as a % of min(POSTs offered/s, capacity then); p99_x =
         accepted p99 / what that capacity allows when healthy, which is the before phase's p99: a
@@ -1068,9 +1081,14 @@ async def run_scenario(
     run.load.t0 = loop.time() + 0.05
     driver = asyncio.ensure_future(drive_chaos(run))
     sampling = asyncio.ensure_future(sample(run))
+    # what exists now lives through the run: out of the collector's way, so that a full collection
+    # (milliseconds, with every request waiting on it) has only the run's new objects to walk
+    gc.collect()
+    gc.freeze()
     try:
         await run.load.drive(tick_reporter(run, progress))
     finally:
+        gc.unfreeze()
         driver.cancel()
         for role in ("payment", "shipping"):
             await set_chaos(target, role, {})
@@ -1538,7 +1556,7 @@ def phase_figures(records, phases, capacity_rps, samples):
     from its settle_s on: goodput_pct (successful POSTs/s as a % of min(POSTs offered/s, the
     capacity payment had then)), p99_x (the accepted POSTs' p99 / the base phase's: what a
     healthy system keeps at any capacity) and shed_p99_ms (p99 of its 429/503 answers, GETs
-    too)."""
+    too); for the record, goodput_rps and p99_ms (the accepted POSTs' p99)."""
     base = next((p for p in phases if p["base"]), None)
     base_p99 = percentile(accepted_latencies(in_phase(records, base)), 99) if base else None
     figures = {}
@@ -1553,6 +1571,12 @@ def phase_figures(records, phases, capacity_rps, samples):
         figures[f"goodput_pct@{name}"] = goodput_pct(posts, length, capacity)
         figures[f"p99_x@{name}"] = round(p99 / base_p99, 2) if p99 and base_p99 else None
         figures[f"shed_p99_ms@{name}"] = to_ms(percentile(shed, 99))
+        # how late loadtest sent those very requests: its own error on that figure
+        shed_lags = [r.lag for r in judged if r.outcome == "shed"]
+        figures[f"shed_lag_p99_ms@{name}"] = to_ms(percentile(shed_lags, 99))
+        served = sum(1 for r in posts if r.outcome == "ok")
+        figures[f"goodput_rps@{name}"] = round(served / length, 1) if length > 0 else None
+        figures[f"p99_ms@{name}"] = to_ms(p99)
     return figures
 
 
@@ -1748,11 +1772,48 @@ def decide(scenario, figures, problems):
             f"loadtest ran {lag_ms:,.0f} ms behind its own schedule (p99 > "
             f"{UNTRUSTED_LAG_MS} ms): the machine was too busy to measure this target"
         ] + reasons
+    coarse = failed_finer_than(scenario, figures, lag_ms)
+    if coarse and not lagged:
+        lagged = len(coarse) == len(failed_checks(scenario, figures))
+        reasons = [
+            f"loadtest sent requests late (p99 of the run's or of the figure's own) by over a "
+            f"quarter of {', '.join(coarse)}: too coarse to fail it"
+        ] + reasons
     if problems:
         return "fail", problems + reasons
     if lagged:
         return "untrusted", reasons
     return ("pass" if passed else "fail"), reasons
+
+
+def failed_checks(scenario, figures):
+    """The checks a run failed, as (figure, op, bound)."""
+    return [
+        (figure, op, bound)
+        for figure, op, bound in scenario["checks"]
+        if figures.get(figure) is not None and not CHECK_OPERATORS[op](figures[figure], bound)
+    ]
+
+
+def failed_finer_than(scenario, figures, lag_ms):
+    """The failed millisecond bounds ('shed_p99_ms@10C <= 5') the lag was too coarse to judge:
+    the run's lag p99, or where measured the lag p99 of the very requests the figure is of."""
+    return [
+        f"{figure} {op} {bound}"
+        for figure, op, bound in failed_checks(scenario, figures)
+        if figure.split("@")[0].endswith("_ms")
+        and op == "<="
+        and max(lag_ms or 0, own_lag_ms(figure, figures)) * TEST_ACCURACY_RATIO > bound
+    ]
+
+
+def own_lag_ms(figure, figures):
+    """The lag p99 of the very requests a figure is of, where measured ('shed_p99_ms@10C': its
+    shed_lag_p99_ms@10C); else 0."""
+    name, at, phase = figure.partition("@")
+    if name != "shed_p99_ms":
+        return 0
+    return figures.get("shed_lag_p99_ms" + at + phase) or 0
 
 
 # What a check makes of a figure that could not be measured: whether that passes, and why.
@@ -1883,10 +1944,20 @@ def phase_lines(figures):
             phases.setdefault(name, {})[figure] = value
     return "".join(
         f"   phase {name:8s} goodput {show(seen.get('goodput_pct'), ' %')} of what it could serve"
-        f" · accepted p99 {show(seen.get('p99_x'), 'x')} the base phase's"
-        f" · shed p99 {show(seen.get('shed_p99_ms'), ' ms')}\n"
+        f"{served(seen)} · accepted p99 {show(seen.get('p99_x'), 'x')} the base phase's"
+        f"{absolute(seen, 'p99_ms')} · shed p99 {show(seen.get('shed_p99_ms'), ' ms')}\n"
         for name, seen in phases.items()
     )
+
+
+def served(seen):
+    """' (92.5/s)': a phase's goodput in orders/s, where it was measured."""
+    return f" ({show(seen['goodput_rps'])}/s)" if seen.get("goodput_rps") is not None else ""
+
+
+def absolute(seen, figure):
+    """' (84.3 ms)': a phase's figure in ms, where it was measured."""
+    return f" ({show(seen[figure], ' ms')})" if seen.get(figure) is not None else ""
 
 
 def alert_line(figures):
