@@ -115,3 +115,93 @@ def test_the_accept_queue_gauge_never_reads_below_zero(path):
         assert seen == [1], "counted after the put: a worker's -1 could come first"
     finally:
         server.server_close()
+
+
+@pytest.fixture
+def limit():
+    """v1.0's GradientLimit, 8 to start, within 1 and 24, latency tolerated to 1.2x no-load,
+    headroom 2, no-load creep 1% a call."""
+    module = load_version(versions_from("v1_0")[0])
+    return module.GradientLimit(8, 1, 24, 1.2, 2, 0.01)
+
+
+def fill(limit):
+    """Orders in progress up to the limit: the limit is in use (no learning while it is idle)."""
+    while limit.try_acquire():
+        pass
+
+
+def round_trips(limit, count, workers, service_s=0.040):
+    """A fake payment with `workers` slots and the limit full, one round trip at a time: a call
+    waits its turn behind the others, so it takes service_s x (in progress / workers), never less
+    than service_s."""
+    for _ in range(count):
+        while limit.in_flight:
+            limit.release()
+        fill(limit)
+        for _ in range(int(limit.limit)):
+            limit.observe(service_s * max(1.0, limit.in_flight / workers))
+
+
+def test_the_limit_grows_while_latency_stays_flat(limit):
+    round_trips(limit, 30, workers=64)
+    assert limit.limit >= 20, limit.limit
+
+
+def test_a_limit_nobody_uses_learns_nothing(limit):
+    for _ in range(200):
+        limit.observe(0.040)  # one call at a time: no evidence that more would help
+    assert limit.limit == 8
+
+
+def test_the_limit_follows_capacity_down_and_back_up(limit):
+    limit.observe(0.040)  # one call queued behind nobody: the floor
+    round_trips(limit, 20, workers=4)
+    assert 6 <= limit.limit <= 8, f"4 x 1.2 served + headroom 2: {limit.limit}"
+    round_trips(limit, 6, workers=2)  # payment lost half its workers
+    assert 3.5 <= limit.limit <= 5.5, f"2 x 1.2 + 2, within 6 round trips: {limit.limit}"
+    round_trips(limit, 6, workers=4)  # and got them back
+    assert 6 <= limit.limit <= 8, f"back within 6 round trips: {limit.limit}"
+
+
+def test_the_limit_stays_within_its_bounds(limit):
+    round_trips(limit, 100, workers=64)
+    assert limit.limit == 24
+    round_trips(limit, 100, workers=0.01)  # everything queues, forever
+    assert 1 <= limit.limit <= 2.1, "next to nothing served, and the headroom"
+    floored = type(limit)(8, 6, 24, 1.2, 2, 0.01)
+    floored.observe(0.040)
+    round_trips(floored, 100, workers=0.01)
+    assert 6 <= floored.limit < 6.01
+
+
+def test_a_payment_slower_for_everyone_is_a_new_normal_not_a_queue(limit):
+    limit.observe(0.040)
+    for _ in range(300):
+        limit.observe(0.080)  # 2x slower, while the limit is idle: no-load latency follows it
+    assert limit.no_load_s == 0.080
+    round_trips(limit, 10, workers=4, service_s=0.080)
+    assert limit.limit >= 5, f"not squeezed as if 0.040 were still the floor: {limit.limit}"
+
+
+def test_under_load_the_floor_stays_put(limit):
+    limit.observe(0.040)
+    round_trips(limit, 50, workers=2)  # every call queued: no call shows the floor again
+    assert limit.no_load_s == 0.040
+
+
+def test_an_answer_that_did_no_work_is_not_a_latency(limit):
+    """Payment replays a key it knows at once: taken as its speed, every real call would look
+    queued behind 40 others and the limit would sit at its floor for good (measured: 18 orders/s)."""
+    limit.observe(0.040)
+    limit.observe(0.001)
+    assert limit.no_load_s == 0.040
+    round_trips(limit, 20, workers=4)
+    assert limit.limit >= 5
+
+
+def test_the_limit_refuses_past_it_and_frees_a_place_on_release(limit):
+    taken = sum(1 for _ in range(20) if limit.try_acquire())
+    assert taken == 8 and not limit.try_acquire()
+    limit.release()
+    assert limit.try_acquire()
