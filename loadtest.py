@@ -406,7 +406,7 @@ def ramp(steps, full_s, quick_s, load, top, quick_steps):
     factors = [1 + (top - 1) * (k + 1) / steps for k in range(steps)]
     return [
         phase(
-            f"worse x{f:.1f}",
+            f"worse x{f:g}",
             full_s / steps,
             quick_s / steps if k < quick_steps else 0,
             load,

@@ -1,7 +1,7 @@
 """v0.7 circuit breaking: when a dependency is down, stop calling it and fail fast.
 
 Adds:        a circuit breaker per dependency (resilience4j's, scaled to seconds): it opens when
-             half of the last 20 calls (at least 10) failed or were slow, answers 503 +
+             half of the last 50 calls (at least 10) failed or were slow, answers 503 +
              Retry-After at once while open, lets 3 probe calls through after 1 s (half-open),
              closes when they succeed and reopens when one fails. A probe that never ends
              cannot hold it half-open, and calls still in flight count as slow once they are.
