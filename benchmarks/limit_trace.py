@@ -78,7 +78,11 @@ def main(argv=None):
         command = [sys.executable, os.path.join(ROOT, "loadtest.py"), "--url", urls["orders"]]
         command += ["--payment-url", urls["payment"], "--shipping-url", urls["shipping"]]
         command += ["--scenario", "capacity-drop"] + (["--quick"] if args.quick else [])
-        subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+        done = subprocess.run(command, stdout=subprocess.DEVNULL)
+        if done.returncode != 0:
+            raise SystemExit(f"loadtest.py stopped with exit code {done.returncode} (see above)")
+    except KeyboardInterrupt:  # loadtest got the Ctrl-C too; v1.0 is stopped below
+        raise SystemExit(130) from None
     finally:
         done.set()
         watcher.join()

@@ -31,7 +31,9 @@ def run_overload(versions, quick):
         path = os.path.join(scratch, "promise.json")
         command = [sys.executable, LOADTEST, "--compare", ",".join(versions)]
         command += ["--scenario", "overload", "--json", path] + (["--quick"] if quick else [])
-        subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+        done = subprocess.run(command, stdout=subprocess.DEVNULL)
+        if done.returncode != 0:
+            raise SystemExit(f"loadtest.py stopped with exit code {done.returncode} (see above)")
         with open(path) as f:
             return json.load(f)["runs"]
 
@@ -61,7 +63,10 @@ def main(argv=None):
         "--versions", default="v0_8,v1_0", help="versions to compare (default %(default)s)"
     )
     args = parser.parse_args(argv)
-    print(table(run_overload(args.versions.split(","), args.quick)))
+    try:
+        print(table(run_overload(args.versions.split(","), args.quick)))
+    except KeyboardInterrupt:  # loadtest got the Ctrl-C too, and stopped what it started
+        raise SystemExit(130) from None
 
 
 if __name__ == "__main__":
