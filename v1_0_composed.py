@@ -14,7 +14,8 @@ Fixes:       `partial-failure`: lost orders 284 -> 0. The seed's promise, full l
              shed p99 6.7 -> 2.6 ms (--quick: 45 -> 2.3 ms); `capacity-drop`: accepted p99 2.36x
              -> 0.99x the healthy p99 while payment has half its workers.
                python loadtest.py --compare v0_8,v1_0 --scenario overload,capacity-drop
-Still breaks: nothing in the matrix; a crash of this process loses what it holds in memory.
+Still breaks: `overload` at 10 C about half the time (shed p99 3.3-5.8 ms against 5 ms, with
+             the load generator on the same two cores); a crash loses what it holds in memory.
 Run:         python v1_0_composed.py
 Diff:        diff -u v0_8_observability.py v1_0_composed.py
 """
