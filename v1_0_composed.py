@@ -1019,8 +1019,11 @@ class PendingRequest:
         return len(self.data) - end >= length
 
     def is_order(self):
-        method, target, _ = self.data.lstrip(b"\r\n").split(b" ", 2)
-        return method == b"POST" and route_of(target.decode("latin-1")) == "/orders"
+        """POST /orders? Words split as whole() splits them (a tab separates them too)."""
+        words = self.data.lstrip(b"\r\n").split(b"\n", 1)[0].split()
+        if len(words) != 3:
+            return False
+        return words[0] == b"POST" and route_of(words[1].decode("latin-1")) == "/orders"
 
     def expects_continue(self):
         """Expect: 100-continue in HTTP/1.1: the client waits for our word to send the body."""

@@ -19,6 +19,9 @@ def post(target, ref, extra=b""):
             + extra + b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
 
 
+COMPACT = json.dumps(order_body(ref="tabs", qty=1), separators=(",", ":")).encode()
+
+
 def bare(method, target):
     return method + b" " + target + b" HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
 
@@ -44,6 +47,11 @@ CASES = [
     ("DELETE /orders/ (no id)", "v0_1", bare(b"DELETE", b"/orders/"), 404, None),
     ("POST /orders/<id>: GET only", "v0_1", post(b"/orders/ord-1", "post-id"), 405, rb"\r\nAllow: GET\r\n"),
     ("GET /orders/a/b", "v0_1", bare(b"GET", b"/orders/a/b"), 404, None),
+    # words apart by tabs, and an Expect: the reader's "is it an order?" once split on spaces
+    # only, raised, and took the reader's thread with it for good (found by a breaker session)
+    ("POST\t/orders\tHTTP/1.1, one space in all (in Expect: 100-continue): 100, then the 201", "v0_4",
+     b"POST\t/orders\tHTTP/1.1\r\nHost:x\r\nConnection:close\r\nContent-Type:application/json\r\n"
+     b"Expect: 100-continue\r\nContent-Length:" + str(len(COMPACT)).encode() + b"\r\n\r\n" + COMPACT, 100, None),
 ]
 
 
@@ -67,6 +75,7 @@ def test_header_and_target_corners(service, version_path):
         elif pattern and not re.search(pattern.decode(), head):
             problems.append(f"{label}: headers {head!r} do not match {pattern!r}")
     assert problems == [], "\n".join(problems)
+    assert raw_exchange(url, bare(b"GET", b"/health"))[0] == 200, "a background thread died"
 
 
 observed = service_fixture(versions_from("v0_8"))
