@@ -118,9 +118,14 @@ ORDER_ID_PREFIX = os.urandom(3).hex()
 ORDER_IDS = itertools.count(1)
 
 
-def place_order(fields):
-    """Charge, store, publish OrderPlaced; return the order or raise DependencyError."""
-    order_id = f"ord-{ORDER_ID_PREFIX}-{next(ORDER_IDS):06d}"
+def new_order_id():
+    """An id no order has had, in this process or in one before it."""
+    return f"ord-{ORDER_ID_PREFIX}-{next(ORDER_IDS):06d}"
+
+
+def place_order(fields, order_id, store):
+    """Charge, then keep the order and its OrderPlaced event in `store`; return the order or raise
+    DependencyError. The caller names the order first: payment's key is made from its id."""
     ref = fields["ref"] or order_id
     amount = CATALOG_CENTS[fields["item"]] * fields["qty"]
     call_dependency(
@@ -130,20 +135,31 @@ def place_order(fields):
         idempotency_key=f"charge-{order_id}",
     )
     order = dict(fields, order_id=order_id, ref=ref, amount=amount, status="placed")
-    ORDERS[order_id] = order
-    publish({"type": "OrderPlaced", "order_id": order_id, "ref": ref})
+    store.keep(order, {"type": "OrderPlaced", "order_id": order_id, "ref": ref})
     return order
 
 
-def fulfil(event):
-    """Ship one placed order and mark it shipped, or raise DependencyError."""
+def fulfil(event, store):
+    """Ship one placed order and mark it shipped in `store`, or raise DependencyError."""
     call_dependency(
         "shipping",
         "/ship",
         {"order_id": event["order_id"], "ref": event["ref"]},
         idempotency_key=f"ship-{event['order_id']}",
     )
-    ORDERS[event["order_id"]]["status"] = "shipped"
+    store.mark_shipped(event["order_id"])
+
+
+class MemoryStore:
+    """Where orders are kept: ORDERS, and their events on the fulfilment queue. In memory: what
+    this process acknowledged dies with it."""
+
+    def keep(self, order, event):
+        ORDERS[order["order_id"]] = order
+        publish(event)
+
+    def mark_shipped(self, order_id):
+        ORDERS[order_id]["status"] = "shipped"
 
 
 # === RELIABILITY ===
@@ -300,12 +316,12 @@ def publish(event):
     EVENTS.put(event)
 
 
-def fulfilment_worker():
+def fulfilment_worker(store):
     """Ship placed orders one at a time. Naive: a shipment that fails is dropped for good."""
     while True:
         event = EVENTS.get()
         try:
-            fulfil(event)
+            fulfil(event, store)
         except DependencyError as exc:
             print(f"shipment of {event['order_id']} dropped: {exc.detail}", file=sys.stderr)
         except Exception as exc:  # one bad event must never stop fulfilment
@@ -372,7 +388,7 @@ class OrdersAPI:
     def place(self, fields):
         """Place the order and return our answer to it: (status, JSON object, headers)."""
         try:
-            order = place_order(fields)
+            order = place_order(fields, new_order_id(), self.server.store)
         except DependencyError as exc:
             return exc.status, {"error": "payment failed", "detail": exc.detail}, {}
         answer = {k: order[k] for k in ("order_id", "status", "amount")}
@@ -1350,7 +1366,8 @@ def main(argv=None):
         # TCPServer binds IPv4 unless told: an IPv6 address (::1) needs an IPv6 socket
         OrdersServer.address_family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
         with OrdersServer((args.host, port), OrdersHandler) as server:
-            threading.Thread(target=fulfilment_worker, daemon=True).start()
+            server.store = MemoryStore()
+            threading.Thread(target=fulfilment_worker, args=(server.store,), daemon=True).start()
             announce({"orders": base_url(args.host, server.server_address[1]), **urls})
             threading.Thread(target=exit_with_parent, args=(os.getppid(),), daemon=True).start()
             try:

@@ -87,14 +87,15 @@ def test_line_budget():
     statement per line within 100 columns: v0.1 305 lines, v0.7 647, v0.8 845, v1.0 895; the front
     door's hardening (a graceful stop's connection count, Expect: 100-continue, one route table,
     one digit parser, the protocol plumbing apart) added ~45 to every version; v0.4's request
-    reader ~170 from v0.4 on; v1.0's adaptive limit ~100."""
+    reader ~170 from v0.4 on; v1.0's adaptive limit ~100; the store seam (place_order names the
+    order first and keeps it in a store passed to it: MemoryStore, or v1.0's on disk) ~18."""
     evolving = {}
     for path in VERSIONS:
         evolving[version_id(path)] = sum(sections(path)[t].count("\n") for t in EVOLVING)
     print("\nlines in the evolving sections:", evolving)
-    assert evolving.get("v0_1", 0) <= 375, evolving
-    assert max(n for v, n in evolving.items() if v < "v0_8") <= 850, evolving  # v0.4's reader
-    assert max(evolving.values()) <= 1200, evolving  # v0.8's instrumentation, v1.0's composition
+    assert evolving.get("v0_1", 0) <= 390, evolving
+    assert max(n for v, n in evolving.items() if v < "v0_8") <= 870, evolving  # v0.4's reader
+    assert max(evolving.values()) <= 1220, evolving  # v0.8's instrumentation, v1.0's composition
     for path in VERSIONS:
         # v1.0 composes four parts (deadline, redelivery, adaptive limit, durability): the most
         lines = open(path, encoding="utf-8").read().count("\n")
