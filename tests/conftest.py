@@ -91,10 +91,11 @@ def read_ready(proc, timeout_s=20.0, seen=None):
 class Service:
     """A version file running as `python vX.py --port 0`, in its own process group."""
 
-    def __init__(self, path, *args, ready_timeout_s=20.0):
+    def __init__(self, path, *args, ready_timeout_s=20.0, env=None):
         self.log = tempfile.TemporaryFile("w+")
         self.proc = subprocess.Popen([sys.executable, path, "--port", "0", *args], stdout=subprocess.PIPE,
-                                     stderr=self.log, stdin=subprocess.DEVNULL, text=True, start_new_session=True)
+                                     stderr=self.log, stdin=subprocess.DEVNULL, text=True, start_new_session=True,
+                                     env={**os.environ, **(env or {})})
         self.urls = self.wait_ready(ready_timeout_s)
 
     def wait_ready(self, timeout_s):

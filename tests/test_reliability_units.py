@@ -74,7 +74,7 @@ def test_redelivery_survives_a_thousand_failed_shipments(path, monkeypatch):
     failures_left = [1100]
     shipped = threading.Event()
 
-    def fulfil(event):
+    def fulfil(event, store):
         if failures_left[0]:
             failures_left[0] -= 1
             raise module.DependencyError(502, "shipping is down")
@@ -82,7 +82,7 @@ def test_redelivery_survives_a_thousand_failed_shipments(path, monkeypatch):
 
     monkeypatch.setattr(module, "fulfil", fulfil)
     monkeypatch.setattr(module.time, "sleep", lambda seconds: None)  # the pauses, not their length
-    threading.Thread(target=module.fulfilment_worker, daemon=True).start()
+    threading.Thread(target=module.fulfilment_worker, args=(None,), daemon=True).start()
     module.publish({"type": "OrderPlaced", "order_id": "ord-1", "ref": "r-1"})
     assert shipped.wait(30), f"fulfilment stopped with {failures_left[0]} failures to go"
 

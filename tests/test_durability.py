@@ -1,0 +1,171 @@
+"""v1.0 keeps what it acknowledged on disk (SQLite, the transactional outbox): a `kill -9` at any
+step of placing an order, then a restart on the same file, ends with exactly one charge and one
+order; events waiting to ship survive; a data file orders cannot use is one line and exit code 2.
+
+Payment and shipping run as their own processes (--role), so only orders dies."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import VERSIONS, Service, request, version_id
+
+V1_0 = next(p for p in VERSIONS if version_id(p) == "v1_0")
+ORDER = {"item": "book", "qty": 1, "customer": "ada"}
+
+
+@pytest.fixture
+def world():
+    """Payment and shipping, each in its own process group, for orders to die beside."""
+    payment = Service(V1_0, "--role", "payment")
+    shipping = Service(V1_0, "--role", "shipping")
+    try:
+        yield {**payment.urls, **shipping.urls}
+    finally:
+        payment.stop()
+        shipping.stop()
+
+
+def start_orders(world, data, crash_at=None):
+    return Service(
+        V1_0,
+        "--role",
+        "orders",
+        "--payment-url",
+        world["payment"],
+        "--shipping-url",
+        world["shipping"],
+        "--data",
+        data,
+        env={"ORDERS_CRASH_AT": crash_at} if crash_at else None,
+    )
+
+
+def post(orders, key, ref):
+    try:
+        return request(orders.urls["orders"] + "/orders", "POST", dict(ORDER, ref=ref), {"Idempotency-Key": key})
+    except OSError:  # the process died under the request
+        return 0, {}, None
+
+
+def counted(world, role, ref):
+    status, _, stats = request(world[role] + "/stats?refs=1")
+    assert status == 200, stats
+    return stats["refs"].get(ref, 0)
+
+
+def until(condition, timeout_s=10.0):
+    """Poll `condition` until it returns something true, or fail at the deadline."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        found = condition()
+        if found:
+            return found
+        time.sleep(0.05)
+    raise AssertionError(f"not within {timeout_s} s")
+
+
+def died(orders):
+    try:
+        orders.proc.wait(timeout=10)
+    finally:
+        orders.stop()
+    return orders.proc.returncode == -signal.SIGKILL
+
+
+@pytest.mark.parametrize("step", ["before-charge", "after-charge", "after-commit", "after-ship"])
+def test_a_kill_at_any_step_then_a_restart_gives_one_charge_and_one_order(world, tmp_path, step):
+    data = str(tmp_path / "orders.sqlite3")
+    ref = f"crash-{step}"
+    doomed = start_orders(world, data, crash_at=step)
+    post(doomed, "k-1", ref)
+    assert died(doomed), f"ORDERS_CRASH_AT={step} did not kill orders"
+    orders = start_orders(world, data)
+    try:
+        # the client's retry, same key and body: 409 while recovery finishes it, then the order
+        status, _, answer = until(lambda: (lambda a: a if a[0] not in (0, 409) else None)(post(orders, "k-1", ref)))
+        assert status == 201, answer
+        assert request(orders.urls["orders"] + "/orders/" + answer["order_id"])[0] == 200
+        until(lambda: counted(world, "shipping", ref) >= 1)
+        assert counted(world, "payment", ref) == 1, "one order, charged once"
+        assert counted(world, "shipping", ref) == 1, "one order, shipped once"
+    finally:
+        orders.stop()
+
+
+def test_an_order_begun_by_a_dead_process_is_finished_without_its_client(world, tmp_path):
+    """No retry comes: recovery asks payment again with the same key and places the order."""
+    data = str(tmp_path / "orders.sqlite3")
+    doomed = start_orders(world, data, crash_at="after-charge")
+    post(doomed, "k-gone", "crash-no-retry")
+    assert died(doomed)
+    orders = start_orders(world, data)
+    try:
+        until(lambda: counted(world, "shipping", "crash-no-retry") == 1)
+        assert counted(world, "payment", "crash-no-retry") == 1
+    finally:
+        orders.stop()
+
+
+def test_events_waiting_to_ship_survive_a_kill(world, tmp_path):
+    data = str(tmp_path / "orders.sqlite3")
+    assert request(world["shipping"] + "/chaos", "POST", {"down": True})[0] == 200
+    orders = start_orders(world, data)
+    refs = [f"waiting-{i}" for i in range(5)]
+    for ref in refs:
+        assert post(orders, ref, ref)[0] == 201
+    os.killpg(orders.proc.pid, signal.SIGKILL)
+    assert died(orders)
+    assert request(world["shipping"] + "/chaos", "POST", {})[0] == 200
+    orders = start_orders(world, data)
+    try:
+        until(lambda: all(counted(world, "shipping", ref) == 1 for ref in refs))
+        assert all(counted(world, "payment", ref) == 1 for ref in refs)
+    finally:
+        orders.stop()
+
+
+def refused(data, tmp_path):
+    """Start orders on `data`: (exit code, what it said on stderr)."""
+    proc = subprocess.run(
+        [sys.executable, V1_0, "--role", "orders", "--port", "0", "--payment-url", "http://127.0.0.1:9",
+         "--shipping-url", "http://127.0.0.1:9", "--data", data],
+        capture_output=True, text=True, timeout=20, stdin=subprocess.DEVNULL, cwd=tmp_path,
+    )
+    return proc.returncode, proc.stderr
+
+
+def test_a_file_that_is_not_a_database_is_one_line_and_exit_2(tmp_path):
+    bad = tmp_path / "notes.txt"
+    bad.write_text("not a database, just notes\n" * 100)
+    code, said = refused(str(bad), tmp_path)
+    assert code == 2 and said.count("\n") == 1 and str(bad) in said and "not a database" in said, said
+    assert "Traceback" not in said
+
+
+def test_a_directory_that_does_not_exist_is_one_line_and_exit_2(tmp_path):
+    code, said = refused(str(tmp_path / "no" / "such" / "dir.sqlite3"), tmp_path)
+    assert code == 2 and said.count("\n") == 1 and "unable to open" in said, said
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes to a read-only file anyway")
+def test_a_read_only_file_is_one_line_and_exit_2(world, tmp_path):
+    data = tmp_path / "orders.sqlite3"
+    start_orders(world, str(data)).stop()
+    data.chmod(0o444)
+    code, said = refused(str(data), tmp_path)
+    assert code == 2 and said.count("\n") == 1 and "readonly" in said, said
+
+
+def test_a_file_another_orders_holds_is_one_line_and_exit_2(world, tmp_path):
+    data = str(tmp_path / "orders.sqlite3")
+    orders = start_orders(world, data)
+    try:
+        code, said = refused(data, tmp_path)
+        assert code == 2 and said.count("\n") == 1 and "another orders process" in said, said
+    finally:
+        orders.stop()
