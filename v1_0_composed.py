@@ -743,11 +743,15 @@ class DurableStore:
         # (key, fields, order_id) begun and not finished: a dead process's, or a failed commit's
         self.unfinished = queue.SimpleQueue()
         self.stranded = set()  # charged, not committed (a disk error): recover() finishes them
+        self.kept = True  # False: a scratch file, removed when we stop
         # timeout 0: another orders process on the same file is an error now, not a wait
         self.db = sqlite3.connect(path, timeout=0, isolation_level=None, check_same_thread=False)
         self.db.execute("PRAGMA locking_mode = EXCLUSIVE")  # one process owns the file
-        # a new file's pages are 1 KiB, not 4: an order writes ~12 KiB, not ~38, to the log, and the
-        # kernel's writeback of it no longer takes the CPU the front door needs (loadtest overload)
+        found = self.db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+        tables = {name for (name,) in found}
+        if tables - {"orders", "outbox"}:  # another program's database: not ours to change
+            raise ValueError(f"it holds other tables ({', '.join(sorted(tables))})")
+        # a new file's pages are 1 KiB, not 4: an order then writes ~12 KiB to the log, not ~38
         self.db.execute("PRAGMA page_size = 1024")
         self.db.execute("PRAGMA journal_mode = WAL")
         # WAL with NORMAL: a commit survives the process's death (the OS has it), not a power cut;
@@ -777,29 +781,38 @@ class DurableStore:
             " ORDER BY created"
         ).fetchall()
         for order_id, key, fields, created, answer, body, shipped in rows:
-            fields = json.loads(fields)
-            answer = json.loads(answer) if answer else None
-            if body:
-                ORDERS[order_id] = dict(json.loads(body), status="shipped" if shipped else "placed")
-            if key is not None and created > wall - self.keys.ttl_s:
-                self.keys.entries[key] = [fields, answer, now - (wall - created)]
+            try:
+                fields = parse_order(fields)  # as checked when it came: a row is not trusted
+                answer = json.loads(answer) if answer else None
+                if body:
+                    order = dict(json.loads(body), status="shipped" if shipped else "placed")
+                    ORDERS[order_id] = order
+                if key is not None and created > wall - self.keys.ttl_s:
+                    self.keys.entries[key] = [fields, answer, now - (wall - created)]
+            except (ValidationError, ValueError, TypeError) as exc:
+                raise ValueError(f"order {order_id!r} is not one we wrote: {exc}") from None
             if answer is None:  # in flight when the last process died
                 self.unfinished.put((key, fields, order_id))
-        return [json.loads(event) for (event,) in self.db.execute("SELECT event FROM outbox")]
+        events = [json.loads(event) for (event,) in self.db.execute("SELECT event FROM outbox")]
+        if not all(isinstance(e, dict) and {"order_id", "ref"} <= set(e) for e in events):
+            raise ValueError("an event waiting to ship is not one we wrote")
+        return events
 
     def begin(self, key, fields, order_id):
         """Reserve `key` for a new order, order_id, its intent committed before any charge:
         (order_id, None) to go ahead, or (None, the answer to send instead)."""
         if key is not None:
             answer = self.keys.begin(key, fields)
-            if answer is not None:
+            # a 502 or 504 is not final here: payment may have charged, and is asked again with
+            # the same key (the order's id, kept with the client's) to finish it, or refuse it
+            if answer is not None and answer[0] not in (502, 504):
                 return None, answer
         try:
             existing = self.db.execute(
                 "SELECT order_id, created FROM orders WHERE client_key = ?", (key,)
             ).fetchone()
             if existing and existing[1] > time.time() - self.keys.ttl_s:
-                return existing[0], None  # a commit failed on it: the retry finishes it
+                return existing[0], None  # a 502, a 504 or a failed commit: the retry finishes it
             self.write(
                 # a key past its time names a new order
                 ("UPDATE orders SET client_key = NULL WHERE client_key = ?", (key,)),
@@ -867,6 +880,11 @@ class DurableStore:
             raise DependencyError(503, f"could not record the shipment: {exc}") from None
         crash_point("after-ship")
         ORDERS[order_id]["status"] = "shipped"
+
+    def close(self):
+        """The log folded into the file: PATH alone holds every order (no PATH-wal beside it)."""
+        with self.lock:
+            self.db.close()
 
     def recover(self):
         """Finish what a dead process (or a failed commit) began: payment is asked again with
@@ -1901,8 +1919,12 @@ def stop_gracefully(server):
         if server.open_connections:
             sys.stderr.write(f"{server.open_connections} connections cut off unanswered\n")
         sys.stderr.write(
-            f"{unshipped_orders()} acknowledged orders not shipped yet: they wait in "
-            f"{server.store.path}, and ship when orders starts on it again\n"
+            f"{unshipped_orders()} acknowledged orders not shipped yet: "
+            + (
+                f"they wait in {server.store.path}, and ship when orders starts on it again\n"
+                if server.store.kept
+                else "lost: their file was a scratch one (--port 0 without --data)\n"
+            )
         )
 
 
@@ -1963,7 +1985,7 @@ def open_store(parser, path):
         parser.exit(
             2,
             f"--data {path}: {exc}"
-            + (": another orders process is using it" if locked else "")
+            + (": another process (another orders?) is using it" if locked else "")
             + "\n",
         )
 
@@ -2108,10 +2130,12 @@ def main(argv=None):
         DEPENDENCY_URLS.update(urls)
         # TCPServer binds IPv4 unless told: an IPv6 address (::1) needs an IPv6 socket
         OrdersServer.address_family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
+        scratch = None
         if args.data is None and port == 0:  # a throwaway service (tests, loadtest): a fresh file
             scratch = tempfile.TemporaryDirectory(prefix="orders-")
             args.data = os.path.join(scratch.name, DATA_PATH)
         store, events = open_store(parser, args.data or DATA_PATH)
+        store.kept = scratch is None
         with OrdersServer((args.host, port), OrdersHandler) as server:
             server.store = store
             threading.Thread(target=fulfilment_worker, args=(server.store,), daemon=True).start()
@@ -2132,6 +2156,8 @@ def main(argv=None):
                 server.serve_forever()
             except KeyboardInterrupt:  # the first Ctrl-C or SIGTERM stops gracefully
                 stop_gracefully(server)
+            finally:
+                store.close()
     except KeyboardInterrupt:
         pass
     except OSError as exc:
