@@ -31,6 +31,7 @@ import os
 import random
 import re
 import select
+import shutil
 import signal
 import socket
 import subprocess
@@ -293,8 +294,9 @@ async def fetch_json(url, method="GET", body=None, timeout_s=3.0, max_bytes=MAX_
 # (OUTCOMES), the HTTP status (0: none) and how many attempts a retrying client made.
 Record = collections.namedtuple("Record", "intended lag latency kind outcome status attempts")
 # What a client sends for one planned request: the kind it really is ("post" or "get": a GET
-# planned before any order exists has nothing to read, and is sent as a POST) and its attempts.
-Request = collections.namedtuple("Request", "kind attempts")
+# planned before any order exists has nothing to read, and is sent as a POST), its attempts, and
+# how long it pauses before trying again (0: at once).
+Request = collections.namedtuple("Request", "kind attempts pause_s", defaults=[0.0])
 # One attempt: where it goes, the HTTP request's bytes, on_answer(status, body) for an answer, and
 # whether a client that got no good answer tries again.
 Attempt = collections.namedtuple("Attempt", "host port message on_answer retry")
@@ -359,6 +361,8 @@ class Load:
         try:
             request = self.make_request(planned_kind)
             for attempt in request.attempts:
+                if attempts and request.pause_s:
+                    await asyncio.sleep(request.pause_s)
                 attempts += 1
                 try:
                     status, body = await round_trip(
@@ -375,7 +379,8 @@ class Load:
                 except OSError:
                     status = 0
                     outcome = "conn"
-                if outcome in ("ok", "4xx") or not attempt.retry or loop.time() >= deadline:
+                late = loop.time() + request.pause_s >= deadline
+                if outcome in ("ok", "4xx") or not attempt.retry or late:
                     break
         finally:
             self.in_flight -= 1
@@ -402,10 +407,12 @@ def phase(
     judged=False,
     base=False,
     settle_s=0,
+    crash=False,
 ):
     """A phase of a scenario. `judged`: its own figures (figure@name, see phase_figures) are
     measured, from `settle_s` after it begins; `base`: the healthy phase whose accepted p99 the
-    judged ones are held to."""
+    judged ones are held to; `crash`: the orders process is killed (SIGKILL) as it begins, and
+    started again with the same command line."""
     return {
         "name": name,
         "full_s": full_s,
@@ -417,6 +424,7 @@ def phase(
         "judged": judged,
         "base": base,
         "settle_s": settle_s,
+        "crash": crash,
     }
 
 
@@ -606,6 +614,28 @@ SCENARIOS = {
         many calls per worker as before. A static limit sized for 4 workers keeps twice as many
         waiting per worker, and waits twice as long""",
     ),
+    "crash": scenario(
+        "0.5x capacity, shipping slowed so events wait; orders is killed (SIGKILL) and started "
+        "again on the same data: is anything it acknowledged lost?",
+        phase("before", 4, 2, 0.5, shipping={"latency_factor": 10}),
+        phase("crash", 6, 3, 0.5, shipping={"latency_factor": 10}, fault=True, crash=True),
+        healthy_after(6, 3, 0.5),
+        client_retries=4,
+        client_retry_pause_s=0.5,
+        checks=[
+            ("lost_acked", "<=", 0),
+            ("duplicate_charges", "<=", 0),
+            ("duplicate_orders", "<=", 0),
+            ("orphan_charges", "<=", 0),
+            ("restart_to_201_s", "<=", 1.0),
+        ],
+        decisive="lost_acked",
+        figures="""payment, shipping and orders run as three processes (--role), so only orders
+        dies; a failed client tries again with the same Idempotency-Key and body 0.5 s later, up
+        to 4 times. lost_acked = orders answered 201 that never shipped or that GET /orders/<id>
+        no longer finds after the drain; orphan_charges = charges for an order neither
+        acknowledged nor shipped; restart_to_201_s = from the kill to the first 201 after it""",
+    ),
 }
 
 # Each version's story: the scenario it fixes and the one that still breaks it.
@@ -618,7 +648,7 @@ LADDER = {
     "v0_6": (["retry-storm"], ["payment-down"]),
     "v0_7": (["payment-down"], ["early-warning"]),
     "v0_8": (["early-warning"], ["partial-failure"]),
-    "v1_0": (["partial-failure", "overload", "capacity-drop"], []),
+    "v1_0": (["partial-failure", "overload", "capacity-drop", "crash"], []),
 }
 # Why a version without the scenario's fix fails it: the mechanism, in one line, for the story a
 # run ends with.
@@ -636,6 +666,7 @@ WHY = {
     "early-warning": "nothing inside is visible: the first sign of trouble is a user's error",
     "partial-failure": "a shipment that fails is dropped, "
     "and nothing bounds a request's time end to end",
+    "crash": "what orders acknowledged lives in its memory, and dies with it",
 }
 
 # The alert rules of prometheus/alerts.yml, mirrored here (change the two together): loadtest
@@ -849,6 +880,93 @@ class Target:
             return None, None, None
 
 
+class SplitTarget(Target):
+    """A version run as three processes (--role), so that orders alone can be killed and started
+    again with the same command line: the same port, the same simulators, the same data file
+    (for a version that keeps one: --data)."""
+
+    @classmethod
+    def spawn(cls, path, seed):
+        name = version_name(path)
+        helpers = [
+            Target.start(
+                f"{name} {role}",
+                [sys.executable, path, "--role", role, "--port", "0", "--seed", str(seed + offset)],
+            )
+            for offset, role in ((1, "payment"), (2, "shipping"))
+        ]
+        urls = {**helpers[0].urls, **helpers[1].urls}
+        scratch = tempfile.mkdtemp(prefix="loadtest-data-")
+        command = [
+            sys.executable,
+            path,
+            "--role",
+            "orders",
+            "--port",
+            str(free_port()),
+            "--payment-url",
+            urls["payment"],
+            "--shipping-url",
+            urls["shipping"],
+            "--seed",
+            str(seed),
+        ]
+        if keeps_data(path):
+            command += ["--data", os.path.join(scratch, "orders.sqlite3")]
+        try:
+            orders = Target.start(name, command)
+        except SystemExit:
+            for helper in helpers:
+                helper.stop()
+            shutil.rmtree(scratch, ignore_errors=True)
+            raise
+        RUNNING.remove(orders)  # the split target stops it, with its helpers
+        target = cls(name, {**urls, **orders.urls}, orders.proc, orders.log_path)
+        target.command = command
+        target.helpers = helpers
+        target.scratch = scratch
+        RUNNING.append(target)
+        return target
+
+    def crash_and_restart(self):
+        """SIGKILL the orders process, then start it again the same way; (killed, ready) times."""
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        killed = time.monotonic()
+        self.proc.wait()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.log_path)
+        again = Target.start(self.name, self.command)
+        RUNNING.remove(again)
+        self.proc = again.proc
+        self.log_path = again.log_path
+        return killed, time.monotonic()
+
+    def stop(self):
+        super().stop()
+        for helper in self.helpers:
+            helper.stop()
+        shutil.rmtree(self.scratch, ignore_errors=True)
+
+
+def free_port():
+    """A port nobody listens on now, for a process that must get the same one back."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def keeps_data(path):
+    """Does this version keep its orders in a file (--data)?"""
+    with open(path, encoding="utf-8") as f:
+        return '"--data"' in f.read()
+
+
+def spawn_for(path, name, seed):
+    """The target a scenario needs: one process group, or three processes if it kills orders."""
+    crashes = any(p["crash"] for p in SCENARIOS[name]["phases"])
+    return (SplitTarget if crashes else Target).spawn(path, seed)
+
+
 RUNNING = []  # targets to stop on any exit
 
 
@@ -880,18 +998,18 @@ class Spawner:
         self.seed = seed
         self.ahead = None  # (path, the future of its Target)
 
-    def prepare(self, path):
-        if path and not self.ahead:
-            self.ahead = (
-                path,
-                asyncio.get_running_loop().run_in_executor(None, Target.spawn, path, self.seed),
-            )
+    def prepare(self, cell):
+        """Start the target of `cell`, (path, scenario name), now; None: there is none."""
+        if cell and not self.ahead:
+            loop = asyncio.get_running_loop()
+            self.ahead = (cell, loop.run_in_executor(None, spawn_for, *cell, self.seed))
 
-    async def take(self, path):
-        if self.ahead and self.ahead[0] == path:
+    async def take(self, path, name):
+        if self.ahead and self.ahead[0] == (path, name):
             future, self.ahead = self.ahead[1], None
             return await future
-        return await asyncio.get_running_loop().run_in_executor(None, Target.spawn, path, self.seed)
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(None, spawn_for, path, name, self.seed)
 
     async def close(self):
         """Stop a target started for a cell that will not run (the last one, or after Ctrl-C)."""
@@ -1081,6 +1199,9 @@ class Run:
         self.stats_before = None  # {role: the simulator's /stats} before the load
         self.stats_after = None  # {role: its /stats with per-ref counts} after the drain
         self.acked = {}  # ref -> when its 201 came (s into the run)
+        self.acked_ids = {}  # ref -> the order_id its 201 named
+        self.crashed_at = None  # when orders was killed (s into the run), in a crash scenario
+        self.unknown = None  # refs acknowledged whose order orders no longer finds (crash only)
         self.sent = {}  # ref -> when it was sent (s into the run)
         self.samples = []
         self.problems = []  # the run did not do what the scenario says
@@ -1129,6 +1250,8 @@ async def run_scenario(
         on_load_done()
     await drain_fulfilment(run, progress)
     sampling.cancel()
+    if run.crashed_at is not None:
+        run.unknown = await unknown_orders(run)
     refs_bytes = MAX_CONTROL_BYTES + CONTROL_BYTES_PER_REQUEST * len(run.plan)
     run.stats_after = {
         role: await stats(target, role, refs=True, max_bytes=refs_bytes)
@@ -1136,6 +1259,28 @@ async def run_scenario(
     }
     progress("")
     return summarise(run)
+
+
+async def unknown_orders(run):
+    """The refs acknowledged whose order GET /orders/<id> no longer finds (after a crash)."""
+    orders = run.target.urls["orders"]
+    gate = asyncio.Semaphore(4)  # a few at a time: under the smallest accept queue (v1.0: 8)
+
+    async def found(order_id):
+        async with gate:
+            for _ in range(5):  # a refusal (429, 503) is "ask later", not "unknown"
+                try:
+                    status = (await fetch_json(f"{orders}/orders/{order_id}"))[0]
+                except (OSError, TimeoutError):
+                    status = 0
+                if status not in (0, 429, 503):
+                    return status == 200
+                await asyncio.sleep(0.1)
+            return False
+
+    refs = list(run.acked_ids)
+    seen = await asyncio.gather(*(found(run.acked_ids[ref]) for ref in refs))
+    return {ref for ref, ok in zip(refs, seen) if not ok}
 
 
 def request_maker(run):
@@ -1167,25 +1312,35 @@ def request_maker(run):
         def on_answer(status, data):
             if status == 201:
                 run.acked.setdefault(ref, loop.time() - run.load.t0)
-                if run.scenario.get("get_share"):
-                    try:
-                        order_id = json.loads(data)["order_id"]
-                    except (ValueError, KeyError, TypeError):
-                        return
-                    if isinstance(order_id, str) and order_id.isascii() and order_id.isprintable():
-                        ids.append(order_id)  # an id we could not put in a request line is not read
+                try:
+                    order_id = json.loads(data)["order_id"]
+                except (ValueError, KeyError, TypeError):
+                    return
+                # an id we could not put in a request line is not read
+                if isinstance(order_id, str) and order_id.isascii() and order_id.isprintable():
+                    run.acked_ids[ref] = order_id
+                    ids.append(order_id)
 
-        return Request("post", [Attempt(host, port, message, on_answer, True)] * (1 + retries))
+        attempts = [Attempt(host, port, message, on_answer, True)] * (1 + retries)
+        return Request("post", attempts, run.scenario.get("client_retry_pause_s", 0.0))
 
     return make_request
 
 
 async def drive_chaos(run):
-    """Set each phase's faults on payment and shipping when the phase begins."""
+    """Set each phase's faults on payment and shipping when the phase begins; kill and restart
+    orders when a crash phase begins."""
     loop = asyncio.get_running_loop()
     current = {"payment": {}, "shipping": {}}
     for ph in run.phases:
         await asyncio.sleep(max(0.0, run.load.t0 + ph["start"] - loop.time()))
+        if ph["crash"]:
+            try:
+                killed, _ = await loop.run_in_executor(None, run.target.crash_and_restart)
+            except (SystemExit, OSError) as exc:
+                run.problems.append(f"orders did not start again after the kill: {exc}")
+                return
+            run.crashed_at = killed - run.load.t0  # loop.time() is time.monotonic()
         for role in ("payment", "shipping"):
             if ph[role] != current[role]:
                 if not await set_chaos(run.target, role, ph[role]):
@@ -1326,7 +1481,7 @@ async def run_all(args, out):
     spawner = Spawner(args.seed)
     try:
         for done, (path, name) in enumerate(cells):
-            following = cells[done + 1][0] if done + 1 < len(cells) else None
+            following = cells[done + 1] if done + 1 < len(cells) else None
             cell_progress = progress_of_cell(progress, done, len(cells), started)
             result = await run_cell(args, path, name, cell_progress, out, spawner, following)
             if result:
@@ -1374,9 +1529,12 @@ async def run_cell(args, path, name, progress, out, spawner, following=None):
         if faulty and not (args.payment_url and args.shipping_url):
             out.write(f"\n== {name}: skipped: its faults need --payment-url and --shipping-url\n")
             return None
+        if any(p["crash"] for p in SCENARIOS[name]["phases"]):
+            out.write(f"\n== {name}: skipped: it kills orders and starts it again: use --target\n")
+            return None
     for attempt in (1, 2):
         if not args.url:
-            target = await spawner.take(path)
+            target = await spawner.take(path, name)
         try:
             result = await run_scenario_on(args, target, name, progress, spawner, following)
         finally:
@@ -1467,6 +1625,10 @@ def summarise(run):
     truth = ground_truth(
         run.stats_before, run.stats_after, run.run_id, run.acked, fault_refs, timeline
     )
+    if run.unknown is not None and "lost_orders" in truth:
+        shipped = truth.pop("shipped_refs")
+        truth["lost_acked"] = len({ref for ref in run.acked if ref not in shipped} | run.unknown)
+    truth.pop("shipped_refs", None)
     figures = {
         **load_figures(records, total_s, run.capacity_rps),
         **fault_figures(records, window, run.capacity_rps),
@@ -1476,6 +1638,7 @@ def summarise(run):
         **process_figures(run.samples),
         **alert_figures(run, records, total_s),
         "schedule_lag_p99_ms": schedule_lag_p99_ms(records),
+        "restart_to_201_s": restart_to_201_s(run),
         **phase_figures(records, run.phases, run.capacity_rps, run.samples),
     }
     verdict, reasons = decide(run.scenario, figures, run.problems)
@@ -1664,6 +1827,15 @@ def alert_figures(run, records, total_s):
     return figures
 
 
+def restart_to_201_s(run):
+    """From the kill of orders to the first 201 after it (s); None without a crash, or (in a run
+    that crashed) never."""
+    if run.crashed_at is None:
+        return None
+    after = [t for t in run.acked.values() if t > run.crashed_at]
+    return round(min(after) - run.crashed_at, 3) if after else None
+
+
 def schedule_lag_p99_ms(records):
     """How late loadtest itself sent its requests (p99, ms): the instrument's own health."""
     return to_ms(percentile([r.lag for r in records if r.outcome != "capped"], 99))
@@ -1759,8 +1931,11 @@ def ground_truth(stats_before, stats_after, run_id, acked, fault_refs, timeline)
     if pay and pay_before:
         charged = {ref: n for ref, n in pay.get("refs", {}).items() if ref.startswith(run_id)}
         truth["duplicate_charges"] = sum(1 for n in charged.values() if n > 1)
-        # charged, but told it failed
-        truth["orphan_charges"] = sum(1 for ref in charged if ref not in acked)
+        shipped = {ref for ref in ship.get("refs", {})} if ship else set()
+        # charged, for an order neither acknowledged nor shipped: money taken for nothing
+        truth["orphan_charges"] = sum(
+            1 for ref in charged if ref not in acked and ref not in shipped
+        )
         truth["payment_calls"] = pay["calls"] - pay_before["calls"]
         calls = {ref: n for ref, n in pay.get("calls_by_ref", {}).items() if ref.startswith(run_id)}
         work = {ref: pay.get("work_by_ref", {}).get(ref, 0) for ref in calls}
@@ -1777,6 +1952,7 @@ def ground_truth(stats_before, stats_after, run_id, acked, fault_refs, timeline)
         shipped = {ref: n for ref, n in ship.get("refs", {}).items() if ref.startswith(run_id)}
         truth["duplicate_orders"] = sum(1 for n in shipped.values() if n > 1)
         truth["lost_orders"] = sum(1 for ref in acked if ref not in shipped)
+        truth["shipped_refs"] = set(shipped)
         truth["zombie_work"] = truth.get("zombie_work", 0) + ship["zombie"] - ship_before["zombie"]
         backlogs = [b["backlog"] for b in timeline if b["backlog"] is not None]
         lags = [b["lag_s"] for b in timeline if b["lag_s"] is not None]

@@ -26,7 +26,8 @@ sys.path.insert(0, ROOT)
 import loadtest  # noqa: E402
 
 SCENARIO_NAMES = ["steady", "spike", "slow-payment", "slow-shipping", "hang-payment", "flaky-payment",
-                  "retry-storm", "payment-down", "early-warning", "partial-failure", "overload", "capacity-drop"]
+                  "retry-storm", "payment-down", "early-warning", "partial-failure", "overload", "capacity-drop",
+                  "crash"]
 HAS_PROC = os.path.isdir("/proc/self")
 
 
@@ -560,12 +561,12 @@ def test_cli_help():
         assert option in proc.stdout, option
 
 
-def test_cli_list_names_all_twelve_scenarios():
+def test_cli_list_names_all_thirteen_scenarios():
     proc = run_cli("--list")
     assert proc.returncode == 0, proc.stderr
     for name in SCENARIO_NAMES:
         assert f"  {name}:" in proc.stdout, name
-    assert proc.stdout.count("pass when:") == 12
+    assert proc.stdout.count("pass when:") == len(SCENARIO_NAMES) == 13
 
 
 # (the command lines refused before anything starts: tests/test_cli_safety.py)

@@ -24,6 +24,7 @@ PAIRS = [
     ("partial-failure", "v1_0", "v0_8", False),
     ("overload", "v1_0", "v0_8", False),
     ("capacity-drop", "v1_0", "v0_8", False),
+    ("crash", "v1_0", "v0_8", False),
 ]
 LESSONS = [(scenario, fixer) for scenario, fixer, _, _ in PAIRS]
 # At 10 C, v1.0's shed p99 is 3.3-5.8 ms against a 5 ms bound on a shared 2-core machine with

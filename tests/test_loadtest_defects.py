@@ -76,7 +76,7 @@ def test_stopping_a_target_does_not_block_the_event_loop(tmp_path):
     async def main():
         loop = asyncio.get_running_loop()
         spawner = loadtest.Spawner(seed=1)
-        spawner.prepare(str(fake))
+        spawner.prepare((str(fake), "steady"))
         target = await spawner.ahead[1]
         pgid.append(target.proc.pid)
 
