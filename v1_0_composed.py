@@ -67,7 +67,11 @@ MAX_ATTEMPTS = 3  # one try, two retries (AWS, gRPC: <= 3 attempts); 5 layers x 
 ORDER_WORKERS = 32
 # waits at most 8 / 100 per s = 80 ms when healthy; a buffer, not a parking lot
 ACCEPT_QUEUE_MAX = 8
-EVENTS_MAX = 30  # ~1 s of shipping even when shipping is 5x slower; past that, intake says 503
+# The outbox is on disk: what bounds it is how late it makes shipments, not memory. Intake says
+# 503 once the events waiting would take this long to ship at the speed shipping last shipped
+# (bound a backlog by the time to drain it: AWS Builders' Library), under slow-shipping's 2 s
+OUTBOX_DRAIN_S = 1.5
+EVENTS_MAX = 1000  # and never more than this many in memory, whatever the estimate says
 CONNECT_TIMEOUT_S = 0.1  # a loopback connect takes well under 1 ms; 100 ms means nobody is there
 # healthy p99.9 72 ms (loadtest.py --probe); an admitted call may queue 200 ms
 PAYMENT_TIMEOUT_S = 0.25
@@ -219,6 +223,9 @@ DEPENDENCY_URLS = {}  # "payment"/"shipping" -> base URL, set in MAIN
 EVENTS = queue.Queue(EVENTS_MAX + ORDER_WORKERS)
 # admit() refuses at EVENTS_MAX; the orders already past it (one per worker at most) always
 # find room, so publish() never blocks a worker on a full queue after the charge.
+# how long the latest shipments took (s), those that shipped: while shipping is down, the speed
+# it had, and will have again once it is back
+SHIPPED_IN = collections.deque([0.01], maxlen=20)
 # order_id -> when it was published, for the event fulfilment is trying to ship (or redeliver)
 DELIVERING = {}
 # The request being served, passed explicitly: a ContextVar, read with .get() where it is used.
@@ -301,7 +308,7 @@ METRICS = Metrics(
         "queue_depth": (
             "gauge",
             f"Waiting: connections for a worker (at most {ACCEPT_QUEUE_MAX}), orders to ship "
-            f"(at most {EVENTS_MAX}).",
+            f"(at most {OUTBOX_DRAIN_S} s of shipping).",
         ),
         "fulfilment_oldest_event_age_seconds": (
             "gauge",
@@ -425,8 +432,11 @@ Refusal = collections.namedtuple("Refusal", ["status", "error", "detail", "heade
 
 def admit():
     """Take a new order? None to accept it, or a Refusal."""
-    if EVENTS.qsize() >= EVENTS_MAX:  # backpressure: fulfilment is behind, so stop taking orders
-        detail = f"{EVENTS_MAX} orders wait to ship"
+    waiting = EVENTS.qsize()
+    drain_s = waiting * sum(SHIPPED_IN) / len(SHIPPED_IN)
+    # backpressure: fulfilment is behind, so stop taking orders
+    if drain_s >= OUTBOX_DRAIN_S or waiting >= EVENTS_MAX:
+        detail = f"{waiting} orders wait to ship: ~{drain_s:.1f} s of shipping"
         return Refusal(503, "fulfilment backlog full", detail, {"Retry-After": "1"}, "backlog")
     return None  # the concurrency limit has decided already, before any worker saw the order
 
@@ -919,8 +929,10 @@ def fulfilment_worker(store):
         # acknowledged: no client waits now
         REQUEST_ID.set(event["request_id"])
         for attempt in itertools.count():
+            started = time.monotonic()
             try:
                 fulfil(event, store)
+                SHIPPED_IN.append(time.monotonic() - started)
                 break
             except DependencyError as exc:  # the same Idempotency-Key every time: shipped once
                 # an open breaker says "later", not "never"

@@ -65,14 +65,14 @@ def test_neighbour_diffs_are_small():
     v0.8 touches every path (each answer, each dependency call, each queue, each state change)
     and adds /metrics, logs and a status line. v1.0 composes four parts (deadline, redelivery,
     adaptive admission, durability), each one readable block: the durable store (SQLite, the
-    outbox, recovery) took it from ~285 to ~545. Readability wins over these numbers: lines are
+    outbox bounded by its drain time, recovery) took it from ~285 to ~565. Readability wins over these numbers: lines are
     never packed to meet them."""
     sizes = {}
     for a, b in zip(VERSIONS, VERSIONS[1:]):
         sizes[f"{version_id(a)}->{version_id(b)}"] = changed_lines(a, b)
     print("\nchanged lines between neighbours (outside the docstring):", sizes)
     assert len(sizes) == 8, "nine versions, eight steps"
-    exceptions = {"v0_3->v0_4": 200, "v0_7->v0_8": 260, "v0_8->v1_0": 560}
+    exceptions = {"v0_3->v0_4": 200, "v0_7->v0_8": 260, "v0_8->v1_0": 580}
     for step, size in sizes.items():
         assert size <= exceptions.get(step, 160), sizes
     ordinary = [size for step, size in sizes.items() if step not in exceptions]
@@ -97,7 +97,7 @@ def test_line_budget():
     print("\nlines in the evolving sections:", evolving)
     assert evolving.get("v0_1", 0) <= 390, evolving
     assert max(n for v, n in evolving.items() if v < "v0_8") <= 870, evolving  # v0.4's reader
-    assert max(evolving.values()) <= 1420, evolving  # v0.8's instrumentation, v1.0's composition
+    assert max(evolving.values()) <= 1440, evolving  # v0.8's instrumentation, v1.0's composition
     for path in VERSIONS:
         # v1.0 composes four parts (deadline, redelivery, adaptive limit, durability): the most
         lines = open(path, encoding="utf-8").read().count("\n")
