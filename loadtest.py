@@ -216,6 +216,8 @@ class Exchange:
             return
         except OSError as error:  # reset: what came before it is the answer, if anything came
             return self.finish() if self.answer.buf else self.fail(error)
+        if not data and not self.answer.buf:  # closed, not a byte said: no answer, not a bad one
+            return self.fail(ConnectionError("closed without an answer"))
         if not data or self.answer.feed(data):
             self.finish()
 

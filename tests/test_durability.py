@@ -251,3 +251,32 @@ def test_a_scratch_file_does_not_promise_what_it_cannot_keep(world):
     said = orders.stderr()
     orders.stop()
     assert "lost: their file was a scratch one" in said, said
+
+
+def test_a_full_disk_is_a_503_for_that_order_and_the_service_goes_on(tmp_path):
+    """SQLITE_FULL (here: the file may not grow) while keeping an order: nothing acknowledged, a
+    503 to retry, the charged order left for recovery; room again, and it is all kept."""
+    from conftest import load_version
+    v1 = load_version(V1_0)
+    v1.publish = lambda event: None  # no fulfilment thread here
+    store = v1.DurableStore(str(tmp_path / "orders.sqlite3"), v1.IdempotencyStore(600, 1000))
+    pages = store.db.execute("PRAGMA page_count").fetchone()[0]
+    fields = {"item": "pen", "qty": 1, "customer": "ada", "ref": "full-1"}
+    order_id, answer = store.begin("k-full", fields, "ord-full-1")
+    assert answer is None
+    store.db.execute(f"PRAGMA max_page_count = {pages}")  # the disk is full from here
+    for size in (200, 1):  # fill what room the pages have left, to the last bytes
+        with pytest.raises(v1.sqlite3.Error):
+            for n in range(10_000):
+                store.write(("INSERT INTO outbox VALUES (?, ?)", (f"fill-{size}-{n}", "x" * size)))
+    order = dict(fields, order_id=order_id, amount=150, status="placed")
+    with pytest.raises(v1.DependencyError) as refused:
+        store.keep(order, {"type": "OrderPlaced", "order_id": order_id, "ref": "full-1"})
+    assert refused.value.status == 503 and "could not record" in refused.value.detail
+    assert order_id not in v1.ORDERS, "not kept, so not acknowledged"
+    store.finish("k-full", fields, order_id, (503, {"error": "payment failed"}, {}))
+    assert store.unfinished.get_nowait()[2] == order_id, "charged: left for recovery, not dropped"
+    store.db.execute("PRAGMA max_page_count = 1000000")  # room again
+    store.keep(order, {"type": "OrderPlaced", "order_id": order_id, "ref": "full-1"})
+    assert v1.ORDERS[order_id]["status"] == "placed"
+    store.close()

@@ -222,3 +222,11 @@ def test_the_instruments_own_reads_are_not_held_to_the_loads_cap():
         assert {r.outcome for r in records} == {"bad answer"}, "an order's answer that big is still a bad one"
         with pytest.raises(loadtest.BadAnswer):
             asyncio.run(loadtest.fetch_json(url + "/stats?refs=1", max_bytes=64 * 1024))
+
+
+def test_a_connection_closed_without_a_byte_is_no_answer_not_a_bad_one():
+    """A process killed between accept and answer closes its connections: nothing was said, so
+    nothing broke HTTP (crash kills orders on purpose; a bad answer would fail any run)."""
+    with server_in_thread(answer_with(b"")) as url:
+        records = drive(url, constant_plan(50, 0.1))
+    assert {(r.outcome, r.status) for r in records} == {("conn", 0)}, records[:3]
