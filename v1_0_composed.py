@@ -13,9 +13,10 @@ Adds:        one deadline budget end to end: a client's X-Deadline-Ms (relative,
 Fixes:       `partial-failure`: lost orders 284 -> 0. The seed's promise, full length: `overload`
              at 3 C: goodput 90.8% -> 96.7% of C, accepted p99 2.52x -> 1.77x the 0.5 C baseline,
              shed p99 6.7 -> 2.6 ms (--quick: 45 -> 2.3 ms); `capacity-drop`: accepted p99 2.36x
-             -> 0.99x the healthy p99 while payment has half its workers.
-               python loadtest.py --compare v0_8,v1_0 --scenario overload,capacity-drop
-Still breaks: `overload` at 10 C about half the time (shed p99 3.3-5.8 ms against 5 ms, with
+             -> 0.99x the healthy p99 while payment has half its workers. `crash` (orders killed
+             mid-run, started again): acknowledged orders lost 109 -> 0.
+               python loadtest.py --compare v0_8,v1_0 --scenario overload,capacity-drop,crash
+Still breaks: `overload` at 10 C about half the time (shed p99 3.4-7.5 ms against 5 ms, with
              the load generator on the same two cores); one machine: the disk is not replicated.
 Run:         python v1_0_composed.py
 Diff:        diff -u v0_8_observability.py v1_0_composed.py
