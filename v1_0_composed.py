@@ -1987,6 +1987,15 @@ def start_child(role, host, port, seed, allow_remote):
     raise SystemExit(f"{role} did not start (exit code {proc.wait()})")
 
 
+def data_path(text):
+    """--data: a file. SQLite takes "" and ":memory:" for a database that dies with us."""
+    if text in ("", ":memory:"):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a file's path: its orders would not last"
+        )
+    return text
+
+
 def open_store(parser, path):
     """The durable store in `path`, and the events it still has to ship; a file orders cannot use
     ends us with one line and exit code 2."""
@@ -2071,6 +2080,7 @@ def main(argv=None):
     )
     parser.add_argument(
         "--data",
+        type=data_path,
         metavar="PATH",
         help=f"the SQLite file orders keep their orders in (default {DATA_PATH} here; with "
         "--port 0, a fresh one, removed at exit)",

@@ -280,3 +280,10 @@ def test_a_full_disk_is_a_503_for_that_order_and_the_service_goes_on(tmp_path):
     store.keep(order, {"type": "OrderPlaced", "order_id": order_id, "ref": "full-1"})
     assert v1.ORDERS[order_id]["status"] == "placed"
     store.close()
+
+
+@pytest.mark.parametrize("data", ["", ":memory:"], ids=["empty", "memory"])
+def test_a_database_sqlite_would_keep_in_memory_is_refused(tmp_path, data):
+    """SQLite opens "" and ":memory:" as databases that die with the process: not --data."""
+    code, said = refused(data, tmp_path)
+    assert code == 2 and "is not a file's path" in said and "Traceback" not in said, said
