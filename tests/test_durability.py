@@ -18,9 +18,10 @@ V1_0 = next(p for p in VERSIONS if version_id(p) == "v1_0")
 ORDER = {"item": "book", "qty": 1, "customer": "ada"}
 
 
-@pytest.fixture
-def world():
-    """Payment and shipping, each in its own process group, for orders to die beside."""
+@pytest.fixture(scope="module")
+def simulators():
+    """Payment and shipping, each in its own process group, for orders to die beside; one pair
+    for the module (each test has its own refs), healed before each test."""
     payment = Service(V1_0, "--role", "payment")
     shipping = Service(V1_0, "--role", "shipping")
     try:
@@ -28,6 +29,13 @@ def world():
     finally:
         payment.stop()
         shipping.stop()
+
+
+@pytest.fixture
+def world(simulators):
+    for role in ("payment", "shipping"):
+        assert request(simulators[role] + "/chaos", "POST", {})[0] == 200
+    return simulators
 
 
 def start_orders(world, data, crash_at=None):
