@@ -439,10 +439,14 @@ class OrdersServer(ThreadingHTTPServer):
             self.open_connections += 1
         return True
 
-    def shutdown_request(self, request):  # done with it, answered or shed: uncount it
+    def shutdown_request(self, request):  # done with it, answered or shed: uncount it, once
+        # closed already (fileno -1), uncounted already: a Ctrl-C that lands in process_request
+        # right after the handler's thread started has socketserver close it under that thread
+        counted = request.fileno() != -1
         super().shutdown_request(request)
-        with self.open_connections_lock:
-            self.open_connections -= 1
+        if counted:
+            with self.open_connections_lock:
+                self.open_connections -= 1
 
     def handle_error(self, request, client_address):
         print(f"error serving {client_address}: {sys.exc_info()[1]!r}", file=sys.stderr)

@@ -19,7 +19,7 @@ import time
 from urllib.parse import urlsplit
 
 import pytest
-from conftest import VERSIONS, Service, group_members, request, version_id
+from conftest import VERSIONS, Service, group_members, load_version, request, version_id
 from test_contract import JSON_HEADERS, order_body, poll, start_role, stop_role
 
 GRACE_S = 2.0  # the versions' STOP_GRACE_S
@@ -184,3 +184,21 @@ def test_ctrl_c_at_the_terminal_lets_orders_finish_then_stops_all_three(path):
         assert "Traceback" not in svc.stderr(), svc.stderr()[-2000:]
     finally:
         svc.stop()
+
+
+@pytest.mark.parametrize("path", VERSIONS, ids=version_id)
+def test_a_connection_closed_twice_is_uncounted_once(path):
+    """A Ctrl-C landing in process_request just after the handler's thread started makes
+    socketserver close the connection under that thread, which closes it again when it fails:
+    counted once, it must be uncounted once (CI once saw "-1 connections cut off")."""
+    module = load_version(path)
+    server = module.OrdersServer(("127.0.0.1", 0), module.OrdersHandler)
+    ours, theirs = socket.socketpair()
+    try:
+        assert server.verify_request(ours, ("127.0.0.1", 1)) and server.open_connections == 1
+        server.shutdown_request(ours)  # socketserver, on the KeyboardInterrupt
+        server.shutdown_request(ours)  # the handler's thread, when its read fails
+        assert server.open_connections == 0
+    finally:
+        theirs.close()
+        server.server_close()
