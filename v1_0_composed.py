@@ -1916,12 +1916,12 @@ def stop_gracefully(server):
             break
         server.handle_request()
     server.socket.close()  # from here on a new connection is refused, at once
-    sys.stderr.write(
-        f"stopping: {server.open_connections} requests in progress, {unshipped_orders()} orders "
-        f"to ship; waiting up to {STOP_GRACE_S} s (Ctrl-C again stops at once)\n"
-    )
-    deadline = time.monotonic() + STOP_GRACE_S
-    try:
+    try:  # from the first line on: a second Ctrl-C, however soon, still gets the last line
+        sys.stderr.write(
+            f"stopping: {server.open_connections} requests in progress, {unshipped_orders()} "
+            f"orders to ship; waiting up to {STOP_GRACE_S} s (Ctrl-C again stops at once)\n"
+        )
+        deadline = time.monotonic() + STOP_GRACE_S
         # polling: the request threads and the fulfilment worker run on meanwhile
         while time.monotonic() < deadline and server.open_connections:
             time.sleep(0.05)  # requests first: each one may still place an order

@@ -14,7 +14,9 @@ import os
 import re
 import signal
 import socket
+import sys
 import threading
+import types
 import time
 from urllib.parse import urlsplit
 
@@ -202,3 +204,33 @@ def test_a_connection_closed_twice_is_uncounted_once(path):
     finally:
         theirs.close()
         server.server_close()
+
+
+class InterruptedAfterFirstLine:
+    """stderr where a second Ctrl-C lands the moment the "stopping" line is out."""
+
+    def __init__(self):
+        self.lines = []
+
+    def write(self, text):
+        self.lines.append(text)
+        if len(self.lines) == 1:
+            raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("path", VERSIONS, ids=version_id)
+def test_a_second_ctrl_c_right_after_the_first_line_still_gets_the_last(path, monkeypatch):
+    """CI once saw only the "stopping" line: the second Ctrl-C came before the wait began, and the
+    line that counts what is left was never written."""
+    module = load_version(path)
+    server = module.OrdersServer(("127.0.0.1", 0), module.OrdersHandler)
+    server.store = types.SimpleNamespace(kept=True, path="orders.sqlite3")  # v1.0 names its file
+    stderr = InterruptedAfterFirstLine()
+    monkeypatch.setattr(sys, "stderr", stderr)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            module.stop_gracefully(server)
+    finally:
+        server.server_close()
+    assert stderr.lines[0].startswith("stopping: ")
+    assert left_unshipped("".join(stderr.lines)) == 0
