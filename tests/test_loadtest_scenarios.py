@@ -184,3 +184,46 @@ def test_a_phase_with_no_time_left_after_settling_has_no_goodput_figure():
     assert loadtest.goodput_pct([record(0.0, 0.05)], 0.0, 100) is None
     assert loadtest.goodput_pct([], 2.0, 100) is None
     assert loadtest.goodput_pct([record(0.0, 0.05), record(0.5, 0.05, "shed")], 1.0, 100) == 50.0
+
+
+def test_a_failed_cell_whose_decisive_figure_passed_is_starred_and_says_why():
+    """v0.3's payment-down passes its decisive figure (a fast POST) and fails on its reads: the
+    matrix must not show a passing-looking figure without saying so."""
+    decisive = loadtest.SCENARIOS["payment-down"]["decisive"]
+    fast_but_failed = {"target": "v0_3", "scenario": "payment-down", "verdict": "fail", "decisive": decisive,
+                       "figures": {decisive: 1.0},
+                       "reasons": [f"{decisive} = 1.0 <= 100 (ok)", "get_error_pct = 100.0, needs <= 1.0"]}
+    slow = dict(fast_but_failed, target="v0_6", figures={decisive: 253.0},
+                reasons=[f"{decisive} = 253.0, needs <= 100", "get_error_pct = 0.0 <= 1.0 (ok)"])
+    out = io.StringIO()
+    loadtest.print_matrix([fast_but_failed, slow], out)
+    text = out.getvalue()
+    assert "✗ 1.0*" in text and "✗ 253" in text and "✗ 253*" not in text
+    assert "* v0_3 payment-down failed on get_error_pct = 100.0, needs <= 1.0" in text
+    assert "v0_6 payment-down failed" not in text
+
+
+def test_loadtest_keeps_a_core_for_itself_and_starts_the_services_on_the_others(monkeypatch):
+    calls = []
+    monkeypatch.setattr(loadtest.os, "sched_getaffinity", lambda pid: {0, 1, 2}, raising=False)
+    monkeypatch.setattr(loadtest.os, "sched_setaffinity", lambda pid, cores: calls.append(set(cores)),
+                        raising=False)
+    monkeypatch.setitem(loadtest.CORES, "instrument", None)
+    monkeypatch.setitem(loadtest.CORES, "target", None)
+    assert loadtest.split_cores() == "loadtest on core 2, the services it starts on cores 0, 1"
+    assert calls == [{2}]
+    with loadtest.on_target_cores():
+        assert calls[-1] == {0, 1}  # a child started here inherits these
+    assert calls[-1] == {2}
+
+
+def test_on_one_core_loadtest_and_the_services_share_it(monkeypatch):
+    calls = []
+    monkeypatch.setattr(loadtest.os, "sched_getaffinity", lambda pid: {3}, raising=False)
+    monkeypatch.setattr(loadtest.os, "sched_setaffinity", lambda pid, cores: calls.append(cores), raising=False)
+    monkeypatch.setitem(loadtest.CORES, "instrument", None)
+    monkeypatch.setitem(loadtest.CORES, "target", None)
+    assert loadtest.split_cores() is None
+    with loadtest.on_target_cores():
+        pass
+    assert calls == []
