@@ -8,7 +8,8 @@
 Both runs are kept in docs/samples.json, so every sample in every page comes from them, and the
 docs test can check that no page was edited by hand. A sample is a fenced block between two
 markers; `full` takes the run from the full-length course, else from the quick matrix;
-`rows=A-B` keeps the timeline's seconds A to B (a lesson shows a few rows, not all):
+`rows=2-6,12,20` keeps those seconds of the timeline (a lesson shows a few rows, not all;
+`rows=none` none):
 
     <!-- sample: full v0_1 spike rows=2-9 -->
     ```
@@ -61,10 +62,24 @@ def render(spec, runs):
         raise SystemExit(f"no run of {target} {scenario} in {SAMPLES}")
     rows = dict(option.split("=") for option in options).get("rows")
     if rows:
-        first, last = map(int, rows.split("-"))
-        run = dict(run, timeline=[s for s in run["timeline"] if first <= s["t"] <= last])
+        kept = seconds(rows)
+        run = dict(run, timeline=[second for second in run["timeline"] if second["t"] in kept])
     loadtest.print_run(run, out)
-    return "".join(wrapped(line) for line in out.getvalue().lstrip("\n").splitlines(True))
+    lines = out.getvalue().lstrip("\n").splitlines(True)
+    if not run["timeline"]:  # rows=none: no column heads either
+        lines = [line for line in lines if not line.startswith("    t s ")]
+    return "".join(wrapped(line) for line in lines)
+
+
+def seconds(rows):
+    """`2-6,12,20` -> {2, 3, 4, 5, 6, 12, 20}; `none` -> no row at all."""
+    kept = set()
+    for part in rows.split(","):
+        if part == "none":
+            continue
+        first, _, last = part.partition("-")
+        kept.update(range(int(first), int(last or first) + 1))
+    return kept
 
 
 def wrapped(line):
