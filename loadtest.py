@@ -801,8 +801,8 @@ def split_cores():
     """Keep one core for loadtest and give the others to the services it starts, where there are
     two or more (Linux): a load generator sharing cores with what it measures adds its own
     scheduling delays to the latencies it reports, which is why benchmarks pin wrk apart from
-    the server (taskset). Measured here at 10 C: v1.0's refusals p99 2.2-2.6 ms apart,
-    3-16 ms sharing. Returns a one-line note, or None when it cannot."""
+    the server (taskset). Measured at 10 C, v1.0's refusals p99: 2.4-4.4 ms apart, 4.8-6.4 ms
+    sharing (docs/reference.md). Returns a one-line note, or None when it cannot."""
     if not hasattr(os, "sched_setaffinity"):
         return None
     cores = sorted(os.sched_getaffinity(0))
@@ -812,6 +812,22 @@ def split_cores():
     CORES["target"] = set(cores[:-1])
     os.sched_setaffinity(0, CORES["instrument"])
     return f"loadtest on core {cores[-1]}, the services it starts on {format_cores(cores[:-1])}"
+
+
+def join_cores():
+    """Undo split_cores(): back on every core it had (main() may be called in a test's process)."""
+    if CORES["instrument"] is None:
+        return
+    os.sched_setaffinity(0, CORES["instrument"] | CORES["target"])
+    CORES["instrument"] = None
+    CORES["target"] = None
+
+
+def cores_note():
+    """What the JSON records of where loadtest and the services ran."""
+    if CORES["instrument"] is None:
+        return "shared"
+    return {"loadtest": sorted(CORES["instrument"]), "services": sorted(CORES["target"])}
 
 
 def format_cores(cores):
@@ -2250,14 +2266,28 @@ def matrix_cell(result):
 
 
 def failed_elsewhere(result):
-    """A failed run whose decisive figure passed: the reasons it failed instead, else []."""
-    reasons = result.get("reasons", [])
-    decisive = re.compile(re.escape(result["decisive"]) + r"[ :]")
+    """A failed run whose decisive figure passed: what failed it instead (a check, or a problem:
+    its first line), else []."""
     if result["verdict"] != "fail":
         return []
-    if not any(decisive.match(reason) and reason.endswith("(ok)") for reason in reasons):
+    what_failed = failures(result)
+    if result["decisive"] in what_failed:
         return []
-    return [reason for reason in reasons if not reason.endswith("(ok)")]
+    return list(what_failed.values())
+
+
+def failures(result):
+    """What failed a run, as {check figure, or the problem's text: its first line}; notes about
+    the instrument's own lag are not failures."""
+    checked = {figure for figure, _, _ in SCENARIOS[result["scenario"]]["checks"]}
+    found = {}
+    for reason in result.get("reasons", []):
+        line = reason.splitlines()[0]
+        name = line.split(" ")[0].rstrip(":")
+        if line.endswith("(ok)") or line.startswith("loadtest "):
+            continue
+        found[name if name in checked else line] = line
+    return found
 
 
 def print_matrix(results, out=sys.stdout):
@@ -3098,7 +3128,8 @@ def write_output(flag, path, write):
 def save_results(args, results, out):
     """--json and --report, once the runs are over."""
     if args.json:
-        write_output("--json", args.json, lambda f: json.dump({"runs": results}, f, indent=1))
+        saved = {"cores": cores_note(), "runs": results}
+        write_output("--json", args.json, lambda f: json.dump(saved, f, indent=1))
     if args.report:
         write_report(results, args.report)
         out.write(f"\nreport written to {args.report}\n")
@@ -3137,7 +3168,9 @@ def main(argv=None):
         if args.list:
             print_list(out)
             return 0
-        cores = None if args.share_cores else split_cores()
+        # attached (--url), loadtest starts nothing to keep apart from
+        starts_services = not (args.share_cores or args.url)
+        cores = split_cores() if starts_services else None
         if cores:
             out.write(cores + "\n")
         if args.calibrate:
@@ -3165,6 +3198,7 @@ def main(argv=None):
     finally:
         for target in list(RUNNING):
             target.stop()
+        join_cores()
 
 
 if __name__ == "__main__":

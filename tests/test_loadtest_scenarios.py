@@ -227,3 +227,48 @@ def test_on_one_core_loadtest_and_the_services_share_it(monkeypatch):
     with loadtest.on_target_cores():
         pass
     assert calls == []
+
+
+def fake_affinity(monkeypatch, cores):
+    """os.sched_getaffinity/setaffinity on a pretend machine: returns the calls made."""
+    calls = []
+    monkeypatch.setattr(loadtest.os, "sched_getaffinity", lambda pid: set(cores), raising=False)
+    monkeypatch.setattr(loadtest.os, "sched_setaffinity", lambda pid, cores: calls.append(set(cores)),
+                        raising=False)
+    monkeypatch.setitem(loadtest.CORES, "instrument", None)
+    monkeypatch.setitem(loadtest.CORES, "target", None)
+    monkeypatch.setattr(loadtest.signal, "signal", lambda *a: None)  # leave pytest's own handlers alone
+    return calls
+
+
+@pytest.mark.parametrize("argv, split", [(["--target", "v0_1"], True), (["--target", "v0_1", "--share-cores"], False),
+                                         (["--url", "http://127.0.0.1:9"], False)])
+def test_main_gives_its_caller_back_every_core(argv, split, monkeypatch):
+    """main() may run inside a test's process: it must not leave that process (and what it starts
+    next) pinned. Attached (--url) it starts nothing, so it keeps nothing apart."""
+    calls = fake_affinity(monkeypatch, {0, 1})
+
+    async def fake_run_all(args, out):
+        return [{"verdict": "pass"}]
+
+    monkeypatch.setattr(loadtest, "run_all", fake_run_all)
+    out = io.StringIO()
+    monkeypatch.setattr(loadtest.sys, "stdout", out)
+    assert loadtest.main(argv + ["--scenario", "steady", "--quick"]) == 0
+    assert calls == ([{1}, {0, 1}] if split else [])
+    assert loadtest.CORES == {"instrument": None, "target": None}
+    assert ("loadtest on core 1" in out.getvalue()) == split
+
+
+def test_the_footnote_names_failed_checks_and_problems_only_and_on_one_line():
+    """Notes about the instrument's lag are not what failed a run, and a problem quoting a
+    process's stderr must not break the matrix over several lines."""
+    figures = {"shed_p99_ms@3C": 2.0, "timeouts": 3, "schedule_lag_p99_ms": 2.0}
+    result = {"target": "A", "scenario": "overload", "verdict": "fail", "decisive": "shed_p99_ms@3C",
+              "figures": figures,
+              "reasons": ["orders did not start again; its stderr ends with:\nTraceback (most recent call last)",
+                          "loadtest sent requests late (...) by over a quarter of p99_x@3C <= 2: too coarse",
+                          "shed_p99_ms@3C = 2.0 <= 5 (ok)", "timeouts = 3, needs <= 0"]}
+    assert loadtest.failed_elsewhere(result) == ["orders did not start again; its stderr ends with:",
+                                                  "timeouts = 3, needs <= 0"]
+    assert loadtest.matrix_cell(result) == "✗ 2.0*"
