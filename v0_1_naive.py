@@ -2,9 +2,9 @@
 
 Adds:        nothing yet. One thread per connection, no timeouts, an unbounded event queue,
              one fulfilment worker, up to 5 immediate retries on any error, no idempotency.
-Fixes:       nothing; it passes `steady` (0.5x capacity): p99 67.5 ms, no errors.
+Fixes:       nothing; it passes `steady` (0.5x capacity): p99 69.0 ms, no errors.
 Still breaks: `spike` (3x capacity). Nothing says no, so every request waits in the payment
-             queue and a thread waits with it: p99 4,919 ms (73x steady), 2,067 threads.
+             queue and a thread waits with it: p99 4,931 ms (71x steady), 2,088 threads.
                python loadtest.py --target v0_1
 Run:         python v0_1_naive.py            # orders :8080, payment :8081, shipping :8082
 Diff:        (first version; read it top to bottom)

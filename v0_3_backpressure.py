@@ -4,8 +4,8 @@ Adds:        a fixed pool of 8 worker threads behind a bounded queue of 8 accept
              (Little's law, see CONFIG) instead of a thread per connection; when both are full
              the accepting thread answers 503 at once. The event queue is bounded too: when
              fulfilment falls 30 orders behind, intake pushes back with 503.
-Fixes:       `slow-payment` (payment 3x slower): p99 4,983 ms -> 484 ms.
-             `slow-shipping` (shipping 5x slower): fulfilment lag 7.31 s -> 0.81 s.
+Fixes:       `slow-payment` (payment 3x slower): p99 4,979 ms -> 490 ms.
+             `slow-shipping` (shipping 5x slower): fulfilment lag 7.56 s -> 0.91 s.
                python loadtest.py --compare v0_2,v0_3 --scenario slow-payment,slow-shipping
 Still breaks: `hang-payment`. A charge that never answers holds a worker forever: 8 hung calls
              and the pool is gone, long after the fault has ended.

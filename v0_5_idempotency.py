@@ -5,10 +5,10 @@ Adds:        an `Idempotency-Key` on every call to payment and shipping (the key
              not charged again; and client keys on POST /orders (IETF draft "The
              Idempotency-Key HTTP Header Field", as Stripe does): same key and body -> the first
              answer replayed; a different body -> 422; still in flight -> 409.
-Fixes:       `flaky-payment`: duplicate charges 52 -> 0 (every ref charged exactly once).
+Fixes:       `flaky-payment`: duplicate charges 56 -> 0 (every ref charged exactly once).
                python loadtest.py --compare v0_4,v0_5 --scenario flaky-payment
 Still breaks: `retry-storm`. Retries are safe now, not polite: when payment struggles (2x
-             slower, 80% of charges failing), five immediate attempts per order pile 3.0x the
+             slower, 80% of charges failing), five immediate attempts per order pile 2.86x the
              work on it in the fault window (payment's own count of busy worker slots).
                python loadtest.py --target v0_5 --scenario retry-storm
 Run:         python v0_5_idempotency.py

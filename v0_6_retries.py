@@ -5,7 +5,7 @@ Adds:        at most 3 attempts, only on retryable failures (no answer, 409 stil
              call's deadline, the dependency's Retry-After honoured, and a retry budget per
              dependency: gRPC retry throttling (10 tokens, each failure costs 1, each success
              earns 0.5, no retries at half empty): retries stop once a third of calls fail.
-Fixes:       `retry-storm`: payment work per order in the fault window 2.96x -> 1.01x.
+Fixes:       `retry-storm`: payment work per order in the fault window 2.86x -> 1.01x.
                python loadtest.py --compare v0_5,v0_6 --scenario retry-storm
 Still breaks: `payment-down`. When payment never answers, every order still waits out its
              timeouts, holding a worker each: the pool fills and even reads time out.

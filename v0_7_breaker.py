@@ -5,7 +5,7 @@ Adds:        a circuit breaker per dependency (resilience4j's, scaled to seconds
              Retry-After at once while open, lets 3 probe calls through after 1 s (half-open),
              closes when they succeed and reopens when one fails. A probe that never ends
              cannot hold it half-open, and calls still in flight count as slow once they are.
-Fixes:       `payment-down`: POST p50 late in the outage 254 ms -> 2.0 ms, GET errors 0.93% -> 0%.
+Fixes:       `payment-down`: POST p50 late in the outage 252.8 ms -> 1.5 ms, GET errors 0.93% -> 0%.
                python loadtest.py --compare v0_6,v0_7 --scenario payment-down
 Still breaks: `early-warning`. A dependency that worsens slowly is invisible until users see
              errors: nothing here says what is happening inside.

@@ -7,7 +7,7 @@ Adds:        GET /metrics in Prometheus' text format 0.0.4, by hand: RED per end
              state change, with a request id that travels on as X-Request-Id. A live status
              line when stdout is a terminal. Alert rules for Prometheus in prometheus/.
 Fixes:       `early-warning`: v0.7 gives no signal at all; here the payment-latency alert fires
-             6.8 s before the first client-visible error, and never during `steady`.
+             7.0 s before the first client-visible error, and never during `steady`.
                python loadtest.py --compare v0_7,v0_8 --scenario early-warning
 Still breaks: `partial-failure`. Seeing is not surviving: while shipping is down, placed orders
              are never shipped (a failed shipment is dropped) and nothing bounds a request's
