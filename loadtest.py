@@ -823,13 +823,6 @@ def join_cores():
     CORES["target"] = None
 
 
-def cores_note():
-    """What the JSON records of where loadtest and the services ran."""
-    if CORES["instrument"] is None:
-        return "shared"
-    return {"loadtest": sorted(CORES["instrument"]), "services": sorted(CORES["target"])}
-
-
 def format_cores(cores):
     return f"core {cores[0]}" if len(cores) == 1 else "cores " + ", ".join(map(str, cores))
 
@@ -1548,7 +1541,7 @@ async def run_all(args, out):
         if results and (len(planned) > 1 or args.compare):
             print_matrix(results, out)
     if args.target and results:
-        print_story(results, out)
+        print_story(results, out, " --quick" if args.quick else "")
     return results
 
 
@@ -2169,7 +2162,9 @@ def print_run(result, out=sys.stdout):
         write(alert_line(figures))
     print_timeline(result["timeline"], out)
     # PASS, FAIL or UNTRUSTED
-    write(f"   {result['verdict'].upper()}: " + "; ".join(result["reasons"]) + "\n")
+    # what failed first, then what passed (a stable sort keeps each group's order)
+    reasons = sorted(result["reasons"], key=lambda reason: reason.endswith("(ok)"))
+    write(f"   {result['verdict'].upper()}: " + "; ".join(reasons) + "\n")
 
 
 def ground_truth_lines(truth):
@@ -2325,7 +2320,7 @@ def print_matrix(results, out=sys.stdout):
             out.write(f"   * {r['target']} {r['scenario']} failed on {'; '.join(why[:2])}{more}\n")
 
 
-def print_story(results, out=sys.stdout):
+def print_story(results, out=sys.stdout, quick=""):
     """Three lines that end a version's run: what you saw, why, and what to do next (the course's
     next step)."""
     name = results[0]["target"]
@@ -2342,7 +2337,9 @@ def print_story(results, out=sys.stdout):
         else "could not judge"
     )
     value = show(shown["figures"].get(figure))
-    out.write(f"\nWhat you saw: {name} {seen} {shown['scenario']} ({figure} {value}).\n")
+    instead = "; ".join(failed_elsewhere(shown)[:1])  # the decisive figure passed: what failed
+    also = f", but {instead}" if instead else ""
+    out.write(f"\nWhat you saw: {name} {seen} {shown['scenario']} ({figure} {value}{also}).\n")
     if shown["scenario"] in breaks:
         out.write(f"Why: {WHY[shown['scenario']]}.\n")
     else:
@@ -2356,11 +2353,11 @@ def print_story(results, out=sys.stdout):
     if later:
         out.write(
             f"Next: diff -u {files[name]} {files[later[0]]}"
-            f"   then   python loadtest.py --target {later[0]}\n"
+            f"   then   python loadtest.py --target {later[0]}{quick}\n"
         )
     else:
         out.write(
-            "Next: python loadtest.py --compare all --quick --report course.html"
+            "Next: python loadtest.py --compare all --scenario all --quick --report course.html"
             "   (the whole course)\n"
         )
 
@@ -3128,8 +3125,7 @@ def write_output(flag, path, write):
 def save_results(args, results, out):
     """--json and --report, once the runs are over."""
     if args.json:
-        saved = {"cores": cores_note(), "runs": results}
-        write_output("--json", args.json, lambda f: json.dump(saved, f, indent=1))
+        write_output("--json", args.json, lambda f: json.dump({"runs": results}, f, indent=1))
     if args.report:
         write_report(results, args.report)
         out.write(f"\nreport written to {args.report}\n")
