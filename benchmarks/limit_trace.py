@@ -78,9 +78,9 @@ def main(argv=None):
         command = [sys.executable, os.path.join(ROOT, "loadtest.py"), "--url", urls["orders"]]
         command += ["--payment-url", urls["payment"], "--shipping-url", urls["shipping"]]
         command += ["--scenario", "capacity-drop"] + (["--quick"] if args.quick else [])
-        done = subprocess.run(command, stdout=subprocess.DEVNULL)
-        if done.returncode != 0:
-            raise SystemExit(f"loadtest.py stopped with exit code {done.returncode} (see above)")
+        finished = subprocess.run(command, stdout=subprocess.DEVNULL)
+        if finished.returncode != 0:
+            raise SystemExit(f"loadtest.py stopped: exit code {finished.returncode} (see above)")
     except KeyboardInterrupt:  # loadtest got the Ctrl-C too; v1.0 is stopped below
         raise SystemExit(130) from None
     finally:
