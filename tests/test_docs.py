@@ -1,6 +1,7 @@
 """The docs say only what is so: every command they show parses, and every file, scenario, flag,
 link and constant they name exists; the cheap commands (--help, --list) run as written; each
 version header's headline figures are the ones its lesson page quotes."""
+import functools
 import glob
 import os
 import re
@@ -83,6 +84,7 @@ def test_every_loadtest_command_in_the_docs_parses(where, command):
         pytest.fail(f"{where}: `{command}` does not parse ({exc})")
 
 
+@functools.lru_cache(maxsize=None)
 def version_help(path):
     return subprocess.run([sys.executable, path, "--help"], capture_output=True, text=True, timeout=30).stdout
 
