@@ -16,7 +16,12 @@ markers; `full` takes the run from the full-length course, else from the quick m
     ```
     <!-- /sample -->
 
-`<!-- sample: matrix -->` gives the lesson matrix instead of one run.
+`<!-- sample: matrix -->` gives the lesson matrix instead of one run. The README's picture is
+loadtest's own HTML report of the full-length runs of one scenario, photographed:
+
+    python docs/render.py --report /tmp/spike.html --scenario spike
+    chromium --headless --hide-scrollbars --window-size=760,900 \
+        --screenshot=docs/report.png /tmp/spike.html
 """
 
 import argparse
@@ -102,7 +107,15 @@ def main(argv=None):
     parser.add_argument("--from", dest="source", metavar="JSON", help="the matrix's --json to keep")
     parser.add_argument("--full", metavar="JSON", help="the full-length course's --json to keep")
     parser.add_argument("--check", action="store_true", help="change nothing; exit 1 if stale")
+    parser.add_argument("--report", metavar="FILE.html", help="write loadtest's HTML report...")
+    parser.add_argument("--scenario", default="spike", help="...of this scenario's full runs")
     args = parser.parse_args(argv)
+    if args.report:
+        full = [r for r in load_runs(SAMPLES, "full") if r["scenario"] == args.scenario]
+        if not full:
+            raise SystemExit(f"no full-length run of {args.scenario} in {SAMPLES}")
+        loadtest.write_report(full, args.report)
+        return 0
     if args.source or args.full:
         kept = {key: load_runs(SAMPLES, key) for key in ("runs", "full")}
         if args.source:
