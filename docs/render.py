@@ -48,7 +48,14 @@ import loadtest  # noqa: E402  (beside this folder, not installed)
 def load_runs(path, key="runs"):
     """The last run of each (version, scenario): an untrusted try is followed by its rerun."""
     with open(path, encoding="utf-8") as f:
-        runs = json.load(f).get(key, [])
+        try:
+            data = json.load(f)
+        except ValueError:
+            data = None  # not JSON at all
+    runs = data.get(key, []) if isinstance(data, dict) else None
+    fine = isinstance(runs, list) and all(isinstance(r, dict) and "scenario" in r for r in runs)
+    if not fine:
+        raise ValueError(f"{path} is not the JSON of loadtest.py --json")
     return list({(r["target"], r["scenario"]): r for r in runs}.values())
 
 
@@ -141,5 +148,16 @@ def main(argv=None):
     return 1 if args.check and stale else 0
 
 
+def run(argv=None):
+    """main(), with a file it cannot read or write said in one line, exit code 2."""
+    try:
+        return main(argv)
+    except loadtest.OutputError as err:
+        sys.stderr.write(f"{str(err).split(' (the results')[0]}\n")
+    except (OSError, ValueError, KeyError) as err:
+        sys.stderr.write(f"render.py: error: {err}\n")
+    return 2
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run())
