@@ -81,6 +81,11 @@ MAX_ANSWER_BYTES = 16 * 1024
 # with the run: ~120 bytes a ref, so /stats?refs=1 may take CONTROL_BYTES_PER_REQUEST per request.
 MAX_CONTROL_BYTES = 1024 * 1024
 CONTROL_BYTES_PER_REQUEST = 300
+# The report's charts: one point a second draws a 3 s --quick run as 3 points. A run is drawn in the
+# coarsest of these buckets that gives it MIN_CHART_POINTS points (a --quick spike: 0.1 s, a full
+# run: 1 s), from the same records by intended send time; the timeline stays one row a second.
+CHART_BUCKETS_S = (1, 0.5, 0.25, 0.1)
+MIN_CHART_POINTS = 20
 
 # === ENGINE ===
 # One connection per request (as the version files answer with Connection: close), each a
@@ -1705,6 +1710,7 @@ def summarise(run):
         "decisive": run.scenario["decisive"],
         "phases": [phase_summary(p) for p in run.phases],
         "timeline": timeline,
+        **chart_of(records, total_s),
     }
 
 
@@ -1922,6 +1928,39 @@ def build_timeline(records, total_s, phases, samples, acked):
         second["fault"] = any(p["fault"] and p["start"] <= second["t"] < p["end"] for p in phases)
         second.update(sampled_in(second["t"], samples, ack_times))
     return timeline
+
+
+def chart_bucket_s(total_s):
+    """The report's bucket for a run this long: the coarsest that still gives MIN_CHART_POINTS."""
+    fits = [b for b in CHART_BUCKETS_S if total_s / b >= MIN_CHART_POINTS]
+    return fits[0] if fits else CHART_BUCKETS_S[-1]
+
+
+def build_chart(records, total_s, bucket_s):
+    """Rows of bucket_s seconds by intended send time, as the timeline's seconds are: t (its
+    start), ok (successes, a count: req/s is ok / bucket_s) and p99_ms of the successes."""
+    # round: 6.25 / 0.25 and 0.3 / 0.1 are a hair off whole numbers
+    count = max(1, math.ceil(round(total_s / bucket_s, 6)))
+    latencies = [[] for _ in range(count)]
+    ok = [0] * count
+    for r in records:
+        if r.outcome == "ok":
+            k = min(math.floor(round(intended_at(r) / bucket_s, 6)), count - 1)
+            ok[k] += 1
+            latencies[k].append(r.latency)
+    return [
+        {"t": round(k * bucket_s, 3), "ok": ok[k], "p99_ms": to_ms(percentile(latencies[k], 99))}
+        for k in range(count)
+    ]
+
+
+def chart_of(records, total_s):
+    """{"chart": {"bucket_s", "rows"}} for a run short enough to chart finer than a second, else
+    {}: the report then draws the per-second timeline (as it does from an older --json)."""
+    bucket_s = chart_bucket_s(total_s)
+    if bucket_s >= 1:
+        return {}
+    return {"chart": {"bucket_s": bucket_s, "rows": build_chart(records, total_s, bucket_s)}}
 
 
 def sampled_in(t, samples, ack_times):
@@ -2383,14 +2422,16 @@ def nice_ceiling(value):
     return next(m * scale for m in (1, 2, 2.5, 5, 10) if m * scale >= value)
 
 
-def svg_chart(lines, fault, title, unit, width=720, height=230):
-    """One line chart: seconds into the run across, `unit` up, one line per (label, colour,
-    [(t, value)]), the fault window (start, end) shaded, a legend; plain SVG, no script."""
+def svg_chart(lines, fault, title, unit, width=720, height=230, t_end=None):
+    """One line chart: seconds into the run across (to t_end, else half a second past the last
+    point), `unit` up, one line per (label, colour, [(t, value)]), the fault window (start, end)
+    shaded, a legend; plain SVG, no script."""
     left = 58
     right = 14
     top_pad = 40
     bottom = 36
-    t_end = max([t for _, _, points in lines for t, _ in points] + [1.0]) + 0.5
+    if t_end is None:
+        t_end = max([t for _, _, points in lines for t, _ in points] + [1.0]) + 0.5
     top = nice_ceiling(
         max([v for _, _, points in lines for _, v in points if v is not None] + [1.0])
     )
@@ -2442,11 +2483,13 @@ def svg_lines(lines, x, y, left):
 
 
 def time_ticks(t_end, x, y):
-    """The time axis' ticks: about ten, whatever the run's length."""
-    step = next((step for step in (1, 2, 5, 10) if t_end <= 10 * step), 10 * math.ceil(t_end / 100))
+    """The time axis' ticks: about ten, whatever the run's length (half seconds on a short one)."""
+    steps = (0.5, 1, 2, 5, 10)
+    step = next((step for step in steps if t_end <= 10 * step), 10 * math.ceil(t_end / 100))
+    ticks = [k * step for k in range(int(round(t_end / step, 6)) + 1)]
     return "".join(
-        f'<text x="{x(t):.1f}" y="{y}" class="tick" text-anchor="middle">{t}</text>'
-        for t in range(0, int(t_end) + 1, step)
+        f'<text x="{x(t):.1f}" y="{y}" class="tick" text-anchor="middle">{t:g}</text>'
+        for t in ticks
     )
 
 
@@ -2510,17 +2553,49 @@ def report_row(results):
     return f"<tr><th>{name} <small>{html.escape(scenario['decisive'])}</small></th>{cells}</tr>"
 
 
-def report_section(results, colour):
-    """One scenario: p99 and goodput per second, a line per target, and each run's verdict."""
-    first = results[0]
-    faulty = [second["t"] for second in first["timeline"] if second["fault"]]
-    fault = (min(faulty), max(faulty) + 1) if faulty else None
+def chart_points(result):
+    """(bucket_s, rows) a report draws a run from: its "chart" (finer than a second, a short
+    run), else its per-second timeline (a long run, or the --json of an older loadtest)."""
+    chart = result.get("chart")
+    if chart:
+        return chart["bucket_s"], chart["rows"]
+    return 1, result["timeline"]
 
-    def lines(field):
-        return [
-            (r["target"], colour[r["target"]], [(b["t"] + 0.5, b[field]) for b in r["timeline"]])
-            for r in results
-        ]
+
+def per_bucket(buckets):
+    """How a chart's title says its buckets: "per second", "per 0.1 s"."""
+    return "per " + " or ".join("second" if b == 1 else f"{b:g} s" for b in sorted(set(buckets)))
+
+
+def report_section(results, colour):
+    """One scenario: p99 and goodput over time (per second, finer on a short run), a line per
+    target, and each run's verdict."""
+    first = results[0]
+    if first.get("phases"):
+        fault = fault_window(first["phases"])
+        t_end = first["phases"][-1]["end"]
+    else:
+        faulty = [second["t"] for second in first["timeline"] if second["fault"]]
+        fault = (min(faulty), max(faulty) + 1) if faulty else None
+        t_end = None
+    drawn = {r["target"]: chart_points(r) for r in results}
+
+    def lines(field, per_s=False):
+        """(target, colour, points) at each bucket's middle; a count per_s is made req/s."""
+        drawn_lines = []
+        for r in results:
+            bucket, rows = drawn[r["target"]]
+            points = [(b["t"] + bucket / 2, b[field]) for b in rows]
+            if per_s:
+                points = [(t, None if v is None else v / bucket) for t, v in points]
+            drawn_lines.append((r["target"], colour[r["target"]], points))
+        return drawn_lines
+
+    buckets = [bucket for bucket, _ in drawn.values()]
+    p99_title = f"p99 latency of successful requests, {per_bucket(buckets)}"
+    ok_title = "goodput: successful requests per second"
+    if per_bucket(buckets) != "per second":
+        ok_title += f", counted {per_bucket(buckets)}"
 
     verdicts = "".join(
         f'<details><summary><b>{html.escape(r["target"])}</b> <span class="{r["verdict"]}">'
@@ -2535,8 +2610,8 @@ def report_section(results, colour):
     return (
         f'<section><h2>{html.escape(first["scenario"])}</h2><p>{html.escape(about)} '
         f'Decisive figure: <code>{html.escape(first["decisive"])}</code>.</p>'
-        + svg_chart(lines("p99_ms"), fault, "p99 latency of successful requests, per second", "ms")
-        + svg_chart(lines("ok"), fault, "goodput: successful requests per second", "req/s")
+        + svg_chart(lines("p99_ms"), fault, p99_title, "ms", t_end=t_end)
+        + svg_chart(lines("ok", per_s=True), fault, ok_title, "req/s", t_end=t_end)
         + verdicts
         + "</section>"
     )

@@ -610,6 +610,13 @@ def test_json_shape_and_html_report_of_a_quick_steady_run(tmp_path):
         assert second["ok"] + second["shed"] + second["errors"] <= second["offered"]
     assert sum(s["offered"] for s in tl) == total
     assert sum(s["ok"] for s in tl) == counts["ok"]
+    # the report draws a short run in sub-second buckets, kept in the run as "chart"
+    chart = run["chart"]
+    assert chart["bucket_s"] == 0.1 and len(chart["rows"]) == 20
+    assert sum(row["ok"] for row in chart["rows"]) == counts["ok"]
+    drawn = [line.split('points="')[1].split('"')[0].split() for line in page.split("<polyline")[1:]]
+    assert [len(points) for points in drawn] == [20, 20], "20 points a chart, not one a second"
+    assert "per 0.1 s" in page
 
 
 @pytest.mark.skipif(not HAS_PROC, reason="needs /proc to find the version's process")
@@ -791,3 +798,50 @@ def test_report_chart_ticks_any_run_length(seconds):
     chart = loadtest.svg_chart([("v0_1", "#000", [(t, 1.0) for t in range(seconds)])], (1, seconds - 1), "t", "ms")
     ticks = chart.count('text-anchor="middle">')
     assert chart.startswith("<svg") and 3 <= ticks <= 12, ticks
+
+
+@pytest.mark.parametrize("seconds, bucket", [(2, 0.1), (3, 0.1), (6.25, 0.25), (9, 0.25), (12, 0.5),
+                                             (20, 1), (600, 1)])
+def test_chart_buckets_are_finer_the_shorter_the_run(seconds, bucket):
+    assert loadtest.chart_bucket_s(seconds) == bucket
+    assert seconds / bucket >= loadtest.MIN_CHART_POINTS
+
+
+def test_chart_rows_bucket_successes_by_intended_send_time():
+    record = lambda t, outcome="ok", latency=0.01: loadtest.Record(t, 0.0, latency, "post", outcome, 201, 1)  # noqa: E731
+    records = [record(0.05), record(0.12, latency=0.2), record(0.15, latency=0.03), record(0.11, "shed"),
+               record(0.1 * 3), record(0.95, latency=0.5), record(1.0)]  # 0.1 * 3 is 0.30000000000000004
+    rows = loadtest.build_chart(records, 1.0, 0.1)
+    assert [row["t"] for row in rows] == [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]
+    assert [row["ok"] for row in rows] == [1, 2, 0, 1, 0, 0, 0, 0, 0, 2]  # shed is not goodput; 1.0 ends the run
+    assert rows[1]["p99_ms"] == 200.0 and rows[2]["p99_ms"] is None and rows[9]["p99_ms"] == 500.0
+    assert loadtest.chart_of(records, 1.0)["chart"]["bucket_s"] == 0.1
+    assert loadtest.chart_of(records, 30.0) == {}, "a long run's chart is its timeline"
+
+
+def report_result(target, seconds, chart):
+    """A run as --json has it, as much of it as the report reads."""
+    timeline = [{"t": t, "ok": 100, "p99_ms": 50.0, "fault": 1 <= t < 2} for t in range(seconds)]
+    result = {"target": target, "scenario": "spike", "verdict": "pass", "reasons": ["p99_ms = 50 <= 1000 (ok)"],
+              "decisive": "p99_ms", "figures": {"p99_ms": 50.0}, "timeline": timeline}
+    if chart:
+        result["chart"] = {"bucket_s": 0.25, "rows": [{"t": k / 4, "ok": 25, "p99_ms": 40.0 + k}
+                                                      for k in range(4 * seconds)]}
+    return result
+
+
+def test_report_draws_a_short_run_finer_than_its_seconds_and_an_older_json_per_second(tmp_path):
+    path = tmp_path / "report.html"
+    loadtest.write_report([report_result("v0_1", 3, chart=True), report_result("v0_2", 3, chart=False)], path)
+    page = path.read_text(encoding="utf-8")
+    drawn = [line.split('points="')[1].split('"')[0].split() for line in page.split("<polyline")[1:]]
+    assert [len(points) for points in drawn] == [12, 3, 12, 3], "v0_1 in 0.25 s buckets, v0_2 per second"
+    assert "p99 latency of successful requests, per 0.25 s or second" in page
+    assert "goodput: successful requests per second, counted per 0.25 s or second" in page
+    # 25 successes in 0.25 s are 100 req/s, as 100 in a second are: one axis, topped at 100
+    goodput = page.split("<svg")[2]
+    assert 'text-anchor="end">100</text>' in goodput and 'text-anchor="end">200</text>' not in goodput
+    assert len({point.split(",")[1] for point in drawn[2] + drawn[3]}) == 1, "the same height, both lines"
+    loadtest.write_report([report_result("v0_2", 3, chart=False)], path)
+    page = path.read_text(encoding="utf-8")
+    assert "successful requests, per second" in page and "counted per" not in page
