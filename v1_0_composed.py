@@ -115,7 +115,9 @@ PAYMENT_HEALTHY_P50_S = 0.04
 # ~50 ms = 5 in progress; start a little above it.
 LIMIT_INITIAL = 8
 LIMIT_MIN = 1
-LIMIT_MAX = 24  # never more than this in progress, whatever latency says
+# never more in progress, whatever latency says: what payment finishes within our timeout with
+# half its workers (2 x 250 ms / 40 ms = 12), so calls let in before it loses them do not time out
+LIMIT_MAX = 12
 # latency may rise to 1.2x no-load before the limit shrinks (Netflix's Gradient2 tolerates 1.5x):
 # calls that queue a little now and then are a busy payment, not a lost worker
 LIMIT_TOLERANCE = 1.2
@@ -363,13 +365,16 @@ class GradientLimit:
 
     Little's law: `limit` orders in progress whose calls take `rtt` where, queued behind nobody,
     they take `no_load_s`, are limit x no_load_s / rtt calls being served and the rest waiting.
-    Once a round trip (`limit` calls), with their average rtt, the limit moves halfway toward
-    that many plus `headroom`: so few wait that payment is never idle, and no more (an rtt up to
-    `tolerance` x no-load counts as nobody waiting). When payment loses capacity its latency
-    climbs and the limit follows it down within a few round trips; when the capacity is back,
-    latency falls and the limit grows by up to headroom a round trip. No-load latency is the
-    least latency seen; it only forgets (`creep`) while the limit is not even half in use, when
-    calls rarely queue: under load, a queue is not a new normal."""
+    Once a round trip (`limit` calls), the limit moves halfway toward that many plus `headroom`:
+    so few wait that payment is never idle, and no more (an rtt up to `tolerance` x no-load
+    counts as nobody waiting). The rtt is the round trip's quickest call, not its average
+    (CoDel, RFC 8289: a burst's queue drains, so some call finds payment free; only a standing
+    queue delays them all): a busy payment's passing queues and a slow moment of our own CPU
+    leave the limit alone. When payment loses capacity every call waits, and the limit follows
+    it down within a few round trips; when the capacity is back, latency falls and the limit
+    grows by up to headroom a round trip. No-load latency is the least latency seen; it only
+    forgets (`creep`) while the limit is not even half in use, when calls rarely queue: under
+    load, a queue is not a new normal."""
 
     def __init__(self, initial, min_limit, max_limit, tolerance, headroom, creep):
         self.limit = initial
@@ -379,7 +384,7 @@ class GradientLimit:
         self.headroom = headroom
         self.creep = creep
         self.no_load_s = float("inf")
-        self.rtt_sum_s = 0.0  # the calls of this round trip so far
+        self.rtt_min_s = float("inf")  # the quickest call of this round trip so far
         self.calls = 0
         self.in_flight = 0
         self.peak = 0  # the most in progress at once this round trip
@@ -407,12 +412,12 @@ class GradientLimit:
             in_use = self.peak * 2 >= self.limit
             forget = 1 if in_use else 1 + self.creep
             self.no_load_s = min(self.no_load_s * forget, rtt_s)
-            self.rtt_sum_s += rtt_s
+            self.rtt_min_s = min(self.rtt_min_s, rtt_s)
             self.calls += 1
             if self.calls < self.limit:
                 return
-            rtt_s = self.rtt_sum_s / self.calls
-            self.rtt_sum_s = 0.0
+            rtt_s = self.rtt_min_s
+            self.rtt_min_s = float("inf")
             self.calls = 0
             self.peak = self.in_flight
             if not in_use:  # a limit far from binding learns nothing (concurrency-limits)
@@ -655,6 +660,8 @@ def call_dependency(name, path, payload, idempotency_key=None):
                 dependency=name,
                 outcome="timeout" if exc.status == 504 else "error",
             )
+            if name == "payment":  # a call that failed took time too: a timeout, at least that
+                LIMIT.observe(time.monotonic() - started)
             BREAKERS[name].record(ticket, success=False)
             error = exc
             may_retry = RETRY_BUDGETS[name].record(success=False) and exc.retryable

@@ -65,14 +65,15 @@ def test_neighbour_diffs_are_small():
     v0.8 touches every path (each answer, each dependency call, each queue, each state change)
     and adds /metrics, logs and a status line. v1.0 composes four parts (deadline, redelivery,
     adaptive admission, durability), each one readable block: the durable store (SQLite, the
-    outbox bounded by its drain time, recovery) took it from ~285 to ~565. Readability wins over these numbers: lines are
-    never packed to meet them."""
+    outbox bounded by its drain time, recovery) took it from ~285 to ~565, and a limit that judges
+    payment by a round trip's quickest call, failed calls included, to ~581. Readability wins over
+    these numbers: lines are never packed to meet them."""
     sizes = {}
     for a, b in zip(VERSIONS, VERSIONS[1:]):
         sizes[f"{version_id(a)}->{version_id(b)}"] = changed_lines(a, b)
     print("\nchanged lines between neighbours (outside the docstring):", sizes)
     assert len(sizes) == 8, "nine versions, eight steps"
-    exceptions = {"v0_3->v0_4": 200, "v0_7->v0_8": 260, "v0_8->v1_0": 580}
+    exceptions = {"v0_3->v0_4": 200, "v0_7->v0_8": 260, "v0_8->v1_0": 590}
     for step, size in sizes.items():
         assert size <= exceptions.get(step, 160), sizes
     ordinary = [size for step, size in sizes.items() if step not in exceptions]

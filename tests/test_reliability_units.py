@@ -200,6 +200,41 @@ def test_an_answer_that_did_no_work_is_not_a_latency(limit):
     assert limit.limit >= 5
 
 
+def test_a_burst_that_drains_is_not_a_standing_queue(limit):
+    """A busy payment queues calls now and then (at 80 % of its capacity, half of them wait); a
+    round trip in which one call still found it free is no reason to refuse anyone (CoDel)."""
+    limit.observe(0.040)
+    for _ in range(20):
+        fill(limit)
+        calls = int(limit.limit)
+        for k in range(calls):
+            limit.observe(0.042 if k == calls // 2 else 0.120)
+    assert limit.limit >= 20, f"grew as if nobody waited: {limit.limit}"
+
+
+def test_a_queue_every_call_waits_in_shrinks_the_limit(limit):
+    limit.observe(0.040)
+    round_trips(limit, 3, workers=2)  # even the quickest call of a round trip waited its turn
+    assert limit.limit < 6.5, f"2 workers x 1.2 + headroom 2, within 3 round trips: {limit.limit}"
+
+
+def test_a_call_that_timed_out_is_a_latency_too(monkeypatch):
+    """Otherwise a payment too slow for every call to finish teaches the limit nothing, and it
+    keeps sending the calls that time out (simulated: 584 timeouts in 9 s after a capacity drop)."""
+    module = load_version(versions_from("v1_0")[0])
+    seen = []
+    monkeypatch.setattr(module.LIMIT, "observe", seen.append)
+    monkeypatch.setitem(module.DEPENDENCY_URLS, "payment", "http://127.0.0.1:9")
+
+    def times_out(*args):
+        raise module.DependencyError(504, "payment gave no answer in time", retryable=False)
+
+    monkeypatch.setattr(module, "http_post", times_out)
+    with pytest.raises(module.DependencyError):
+        module.call_dependency("payment", "/charge", {}, idempotency_key="k")
+    assert len(seen) == 1
+
+
 def test_the_limit_refuses_past_it_and_frees_a_place_on_release(limit):
     taken = sum(1 for _ in range(20) if limit.try_acquire())
     assert taken == 8 and not limit.try_acquire()
