@@ -889,9 +889,12 @@ class Target:
             version_name(path), [sys.executable, path, "--port", "0", "--seed", str(seed)]
         )
 
-    def stop(self):
-        """Stop the whole process group (orders, payment, shipping): SIGTERM, then SIGKILL."""
-        for sig in (signal.SIGTERM, signal.SIGKILL) if self.proc else ():
+    def stop(self, at_once=False):
+        """Stop the whole process group (orders, payment, shipping): SIGTERM, then SIGKILL; SIGKILL
+        alone `at_once`, for a run whose ground truth has been read (a version's graceful stop,
+        up to 2.5 s of shipping what is left, would measure nothing and hold up the next run)."""
+        signals = (signal.SIGKILL,) if at_once else (signal.SIGTERM, signal.SIGKILL)
+        for sig in signals if self.proc else ():
             try:
                 os.killpg(self.proc.pid, sig)
             except ProcessLookupError:
@@ -899,15 +902,15 @@ class Target:
             deadline = time.monotonic() + 5
             while self.group_alive() and time.monotonic() < deadline:
                 self.proc.poll()  # reap our child, so a zombie does not count as alive
-                time.sleep(0.02)
+                time.sleep(0.005 if sig == signal.SIGKILL else 0.02)
         if self.proc:
             self.proc.wait()
         self._forget()
 
-    async def stop_in_thread(self):
+    async def stop_in_thread(self, at_once=False):
         """stop() for a coroutine: the wait for the group to exit (up to ~10 s) blocks a worker
         thread, not the event loop."""
-        await asyncio.get_running_loop().run_in_executor(None, self.stop)
+        await asyncio.get_running_loop().run_in_executor(None, self.stop, at_once)
 
     def group_alive(self):
         return group_alive(self.proc.pid)
@@ -996,10 +999,10 @@ class SplitTarget(Target):
         self.log_path = again.log_path
         return killed, time.monotonic()
 
-    def stop(self):
-        super().stop()
+    def stop(self, at_once=False):
+        super().stop(at_once)
         for helper in self.helpers:
-            helper.stop()
+            helper.stop(at_once)
         shutil.rmtree(self.scratch, ignore_errors=True)
 
 
@@ -1071,7 +1074,7 @@ class Spawner:
         if self.ahead:
             future, self.ahead = self.ahead[1], None
             try:
-                await (await future).stop_in_thread()
+                await (await future).stop_in_thread(at_once=True)
             except (Exception, SystemExit):
                 pass  # it never started: nothing to stop, and the matrix still prints
 
@@ -1287,13 +1290,14 @@ async def run_scenario(
     run.stats_before = {role: await stats(target, role) for role in ("payment", "shipping")}
     for role in ("payment", "shipping"):
         await set_chaos(target, role, {})
-    run.load.t0 = loop.time() + 0.05
-    driver = asyncio.ensure_future(drive_chaos(run))
-    sampling = asyncio.ensure_future(sample(run))
     # what exists now lives through the run: out of the collector's way, so that a full collection
     # (milliseconds, with every request waiting on it) has only the run's new objects to walk
     gc.collect()
     gc.freeze()
+    # the first request is due in 10 ms: time for the chaos and sampling tasks' first steps
+    run.load.t0 = loop.time() + 0.01
+    driver = asyncio.ensure_future(drive_chaos(run))
+    sampling = asyncio.ensure_future(sample(run))
     try:
         await run.load.drive(tick_reporter(run, progress))
     finally:
@@ -1592,9 +1596,9 @@ async def run_cell(args, path, name, progress, out, spawner, following=None):
             target = await spawner.take(path, name)
         try:
             result = await run_scenario_on(args, target, name, progress, spawner, following)
-        finally:
+        finally:  # its ground truth has been read (or it failed): nothing to wait for
             if target.proc:
-                await target.stop_in_thread()
+                await target.stop_in_thread(at_once=True)
         print_run(result, out)
         out.flush()
         if result["verdict"] != "untrusted" or attempt == 2:
