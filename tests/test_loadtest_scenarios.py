@@ -1,6 +1,7 @@
 """overload and capacity-drop: their plans, their per-phase figures and their checks, on fake figures and
 synthetic records (no server: the real runs are the lessons' and the README's)."""
 import io
+import time
 
 import pytest
 
@@ -103,6 +104,47 @@ def test_a_failed_millisecond_bound_within_4x_the_instruments_lag_is_untrusted_n
     assert loadtest.decide(OVERLOAD, figures, [])[0] == "untrusted"
     figures = overload_figures(**{"shed_p99_ms@10C": 12.0, "shed_lag_p99_ms@10C": 0.5})
     assert loadtest.decide(OVERLOAD, figures, [])[0] == "fail"
+
+
+def test_a_failed_millisecond_bound_within_4x_the_services_cores_lag_is_untrusted_not_failed():
+    """loadtest on its own core does not see its lag when the services' core is taken: the
+    canary there does. Its p99 over the phase decides, else over the run."""
+    figures = overload_figures(**{"shed_p99_ms@10C": 12.0, "core_lag_p99_ms@10C": 2.0})
+    verdict, reasons = loadtest.decide(OVERLOAD, figures, [])
+    assert verdict == "untrusted"
+    assert reasons[0] == ("loadtest's canary on the services' core woke late (p99 of the run's or the "
+                          "phase's) by over a quarter of shed_p99_ms@10C <= 5: too coarse to fail it")
+    figures = overload_figures(**{"shed_p99_ms@10C": 12.0, "core_lag_p99_ms": 2.0})
+    assert loadtest.decide(OVERLOAD, figures, [])[0] == "untrusted"
+    figures = overload_figures(**{"shed_p99_ms@10C": 12.0, "core_lag_p99_ms@10C": 0.5,
+                                  "core_lag_p99_ms": 3.0})
+    assert loadtest.decide(OVERLOAD, figures, [])[0] == "fail", "the phase's own lag comes first"
+    # a calm core never excuses a failure that is not in milliseconds
+    figures = overload_figures(**{"goodput_pct@10C": 80.0, "core_lag_p99_ms@10C": 40.0})
+    assert loadtest.decide(OVERLOAD, figures, [])[0] == "fail"
+
+
+def test_the_canary_reports_how_late_its_core_woke_it_and_stops():
+    canary = loadtest.Canary()
+    canary.start()
+    try:
+        deadline = time.monotonic() + 10
+        while len(canary.lag) < 100 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(canary.lag) >= 100, "a wake-up a millisecond, written 50 at a time"
+        assert canary.lag_p99_ms(canary.woke[0], canary.woke[-1] + 1) is not None
+        assert canary.lag_p99_ms(0, 1) is None, "nothing reported then"
+    finally:
+        canary.stop()
+    assert canary.proc.poll() is not None
+
+
+def test_the_canarys_p99_is_of_its_window_only():
+    canary = loadtest.Canary()
+    canary.woke = [1.0 + k / 1000 for k in range(2000)]
+    canary.lag = [0.0001] * 1000 + [0.010] * 1000  # a calm second, then a stalled one
+    assert canary.lag_p99_ms(1.0, 2.0) == 0.1
+    assert canary.lag_p99_ms(2.0, 3.0) == 10.0
 
 
 def test_a_coarse_instrument_still_fails_what_it_can_judge():
@@ -255,7 +297,8 @@ def test_main_gives_its_caller_back_every_core(argv, split, monkeypatch):
     out = io.StringIO()
     monkeypatch.setattr(loadtest.sys, "stdout", out)
     assert loadtest.main(argv + ["--scenario", "steady", "--quick"]) == 0
-    assert calls == ([{1}, {0, 1}] if split else [])
+    # its own core, the services' core while it starts the canary there, back, and all again
+    assert calls == ([{1}, {0}, {1}, {0, 1}] if split else [])
     assert loadtest.CORES == {"instrument": None, "target": None}
     assert ("loadtest on core 1" in out.getvalue()) == split
 
