@@ -2486,6 +2486,14 @@ def print_matrix(results, out=sys.stdout):
             out.write(f"   * {r['target']} {r['scenario']} failed on {'; '.join(why[:2])}{more}\n")
 
 
+def lesson_page(number):
+    """The course's page for the version with this number on the ladder (1 for v0.1), as a path
+    from the kit's folder, or None where there is none (a copy of loadtest.py alone)."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    pages = sorted(glob.glob(os.path.join(here, "docs", "lessons", f"{number:02d}-*.md")))
+    return os.path.relpath(pages[0], here) if pages else None
+
+
 def print_story(results, out=sys.stdout, quick=""):
     """Three lines that end a version's run: what you saw, why, and what to do next (the course's
     next step)."""
@@ -2517,14 +2525,18 @@ def print_story(results, out=sys.stdout, quick=""):
     names = list(files)
     later = names[names.index(name) + 1 :] if name in names else []
     if later:
+        lesson = lesson_page(names.index(name) + 1)
+        read = f"read {lesson}, then " if lesson else ""
         out.write(
-            f"Next: diff -u {files[name]} {files[later[0]]}"
+            f"Next: {read}diff -u {files[name]} {files[later[0]]}"
             f"   then   python loadtest.py --target {later[0]}{quick}\n"
         )
     else:
+        lesson = lesson_page(names.index(name) + 1) if name in names else None
+        read = f"read {lesson}, then " if lesson else ""
         out.write(
-            "Next: python loadtest.py --compare all --scenario all --quick --report course.html"
-            "   (the whole course)\n"
+            f"Next: {read}python loadtest.py --compare all --scenario all --quick"
+            " --report course.html   (the whole course)\n"
         )
 
 
