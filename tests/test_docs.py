@@ -2,6 +2,7 @@
 link and constant they name exists; the cheap commands (--help, --list) run as written; each
 version header's headline figures are the ones its lesson page quotes."""
 import functools
+import io
 import glob
 import os
 import re
@@ -190,3 +191,18 @@ def test_a_lesson_shows_a_few_timeline_rows_not_all(path):
     for block in FENCE.findall(read(path)):
         rows = len(TIMELINE_ROW.findall(block))
         assert rows <= 8, f"{doc_id(path)}: a sample with {rows} timeline rows (rows=A-B keeps a few)"
+
+
+def test_a_versions_run_ends_by_sending_the_learner_to_its_lesson_page():
+    """loadtest's `Next:` line: the version's page first, then the diff to the next version."""
+    for number, path in enumerate(VERSIONS, start=1):
+        page = loadtest.lesson_page(number)
+        assert page and os.path.exists(os.path.join(ROOT, page)), (path, page)
+        assert os.path.basename(page).startswith(f"{number:02d}-")
+    result = {"target": "v0_1", "scenario": "spike", "verdict": "fail", "decisive": "p99_ms",
+              "figures": {"p99_ms": 4000.0}, "reasons": ["p99_ms = 4000.0, needs <= 1000"]}
+    out = io.StringIO()
+    loadtest.print_story([result], out)
+    assert "Next: read docs/lessons/01-naive.md, then diff -u v0_1_naive.py v0_2_admission.py" in (
+        out.getvalue()
+    )
