@@ -7,7 +7,7 @@ Still breaks: `spike` (3x capacity). Nothing says no, so every request waits in 
              queue and a thread waits with it: p99 4,931 ms (71x steady), 2,088 threads.
                python loadtest.py --target v0_1
 Run:         python v0_1_naive.py            # orders :8080, payment :8081, shipping :8082
-Diff:        (first version; read it top to bottom)
+Diff:        (first version: `grep -n -i naive v0_1_naive.py` finds its choices)
 """
 
 import argparse

@@ -7,17 +7,19 @@ Adds:        one deadline budget end to end: a client's X-Deadline-Ms (relative,
              ship; the bounded event queue pushes back at the door meanwhile. And an adaptive
              concurrency limit instead of v0.2's rate: orders in progress are limited, the limit
              is learned from payment's latency (a gradient limit: Netflix concurrency-limits,
-             Envoy), and a refusal is decided in the thread that read the request, before any
-             queue or worker. Orders, keys and the events waiting to ship live in one SQLite
-             file (--data), written before the 201: a restart finds them (transactional outbox).
+             Envoy; a round trip judged by its quickest call, as CoDel judges a queue), and a
+             refusal is decided in the thread that read the request, before any queue or worker.
+             Orders, keys and the events waiting to ship live in one SQLite file (--data), written
+             before the 201: a restart finds them (transactional outbox).
 Fixes:       `partial-failure`: lost orders 283 -> 0. The seed's promise, full length: `overload`
-             at 3 C: goodput 90.8% -> 96.4% of C, accepted p99 2.65x -> 1.72x the 0.5 C baseline,
-             shed p99 49.4 -> 2.8 ms (--quick: 30.1 -> 2.3 ms); `capacity-drop`: accepted p99 2.38x
-             -> 0.94x the healthy p99 while payment has half its workers. `crash` (orders killed
-             mid-run, started again): acknowledged orders lost 105 -> 0.
+             at 3 C: goodput 90.8% -> 96.6% of C, accepted p99 2.48x -> 1.87x the 0.5 C baseline,
+             shed p99 13.1 -> 2.0 ms (10 C: 21.2 -> 2.7 ms; --quick: 41.8 -> 2.3 ms);
+             `capacity-drop`: accepted p99 2.38x -> 1.27x the healthy p99 while payment has half
+             its workers. `crash` (orders killed mid-run, started again): acknowledged orders lost
+             106 -> 0.
                python loadtest.py --compare v0_8,v1_0 --scenario overload,capacity-drop,crash
-Still breaks: `overload` at 10 C when the machine is busy (shed p99 1.9-2.7 ms when calm, 8.6 ms
-             in one quick matrix, against 5 ms); one machine: the disk is not replicated.
+Still breaks: `overload` at 10 C when the machine is busy (one quick matrix of two served 93.7% of
+             C there, against 95%); one machine: the disk is not replicated.
 Run:         python v1_0_composed.py
 Diff:        diff -u v0_8_observability.py v1_0_composed.py
 """
