@@ -65,6 +65,16 @@ while True:
 """
 
 
+def run_then_kill(main, pgids):
+    """asyncio.run(main()), then SIGKILL every process group it started, whatever happened."""
+    try:
+        return asyncio.run(main())
+    finally:
+        for pid in pgids:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pid, signal.SIGKILL)
+
+
 def test_stopping_a_target_does_not_block_the_event_loop(tmp_path):
     """A target that takes a second to stop must not freeze the loop for that second (stop() waited for
     the process group with time.sleep inside the event loop: up to ~10 s with nothing else running)."""
@@ -99,12 +109,7 @@ def test_stopping_a_target_does_not_block_the_event_loop(tmp_path):
         ticking.cancel()
         return took_s
 
-    try:
-        took_s = asyncio.run(main())
-    finally:
-        for pid in pgid:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(pid, signal.SIGKILL)
+    took_s = run_then_kill(main, pgid)
     assert took_s >= 0.9, f"stopped in {took_s:.2f} s: the fake was meant to take a second"
     assert not group_alive(pgid[0])
     assert max(gaps) < 0.3, f"the event loop froze for {max(gaps):.2f} s while a target stopped"
@@ -129,12 +134,7 @@ def test_a_run_over_is_killed_at_once_not_waited_for(tmp_path):
         await spawner.close()
         return time.monotonic() - started
 
-    try:
-        took_s = asyncio.run(main())
-    finally:
-        for pid in pgid:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(pid, signal.SIGKILL)
+    took_s = run_then_kill(main, pgid)
     assert took_s < 0.5, f"two targets stopped in {took_s:.2f} s: each was waited for (1 s)"
     assert len(pgid) == 2 and not any(group_alive(pid) for pid in pgid)
     assert not [t for t in loadtest.RUNNING if t.proc.pid in pgid], "both forgotten: nothing to stop at exit"
