@@ -7,7 +7,7 @@ Still breaks: `spike` (3x capacity). Nothing says no, so every request waits in 
              queue and a thread waits with it: p99 4,931 ms (71x steady), 2,088 threads.
                python loadtest.py --target v0_1
 Run:         python v0_1_naive.py            # orders :8080, payment :8081, shipping :8082
-Diff:        (first version: `grep -n -i naive v0_1_naive.py` finds its choices)
+Diff:        (first version: lesson 1's grep finds the choices it makes on purpose)
 """
 
 import argparse
