@@ -411,15 +411,17 @@ class GradientLimit:
         with self.lock:
             self.in_flight -= 1
 
-    def observe(self, rtt_s):
-        """One call's latency; once a round trip, a new limit."""
+    def observe(self, rtt_s, answered=True):
+        """One call's latency; once a round trip, a new limit. A call that failed (`answered`
+        False) took its time too, but says nothing of how fast payment works: never the floor."""
         with self.lock:
             floor_known = self.no_load_s < float("inf")
             if floor_known and rtt_s < self.no_load_s / 4:
                 return  # no work done (payment replaying a key it knows): no news of its speed
             in_use = self.peak * 2 >= self.limit
             forget = 1 if in_use else 1 + self.creep
-            self.no_load_s = min(self.no_load_s * forget, rtt_s)
+            if answered:
+                self.no_load_s = min(self.no_load_s * forget, rtt_s)
             self.rtt_min_s = min(self.rtt_min_s, rtt_s)
             self.calls += 1
             if self.calls < self.limit:
@@ -669,7 +671,7 @@ def call_dependency(name, path, payload, idempotency_key=None):
                 outcome="timeout" if exc.status == 504 else "error",
             )
             if name == "payment":  # a call that failed took time too: a timeout, at least that
-                LIMIT.observe(time.monotonic() - started)
+                LIMIT.observe(time.monotonic() - started, answered=False)
             BREAKERS[name].record(ticket, success=False)
             error = exc
             may_retry = RETRY_BUDGETS[name].record(success=False) and exc.retryable

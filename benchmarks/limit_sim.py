@@ -141,7 +141,7 @@ class Model:
             return
         state["over"] = True
         self.stats[state["phase"]]["504"] += 1
-        self.limit.observe(self.timeout_s)
+        self.limit.observe(self.timeout_s, answered=False)
         self.limit.release()
 
     def done(self, now, order):

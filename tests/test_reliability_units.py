@@ -223,7 +223,7 @@ def test_a_call_that_timed_out_is_a_latency_too(monkeypatch):
     keeps sending the calls that time out (simulated: 584 timeouts in 9 s after a capacity drop)."""
     module = load_version(versions_from("v1_0")[0])
     seen = []
-    monkeypatch.setattr(module.LIMIT, "observe", seen.append)
+    monkeypatch.setattr(module.LIMIT, "observe", lambda rtt_s, answered: seen.append(answered))
     monkeypatch.setitem(module.DEPENDENCY_URLS, "payment", "http://127.0.0.1:9")
 
     def times_out(*args):
@@ -232,7 +232,17 @@ def test_a_call_that_timed_out_is_a_latency_too(monkeypatch):
     monkeypatch.setattr(module, "http_post", times_out)
     with pytest.raises(module.DependencyError):
         module.call_dependency("payment", "/charge", {}, idempotency_key="k")
-    assert len(seen) == 1
+    assert seen == [False], "a latency, never the floor"
+
+
+def test_a_payment_down_at_start_does_not_set_the_floor(limit):
+    """Found by trying: a first call refused in 0.3 ms (payment down) taken as payment's speed made
+    every healthy 40 ms call look queued, and the limit sat at ~1.5 for the life of the process."""
+    limit.observe(0.0003, answered=False)
+    assert limit.no_load_s == float("inf")
+    limit.observe(0.040)
+    round_trips(limit, 20, workers=4)
+    assert limit.limit >= 5, limit.limit
 
 
 def test_the_limit_refuses_past_it_and_frees_a_place_on_release(limit):
