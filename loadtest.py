@@ -2205,7 +2205,8 @@ def failed_finer_than(scenario, figures, lag_ms):
 # Why a failed bound was too fine to judge, by what was coarse (failed_finer_than)
 COARSE_BECAUSE = {
     "loadtest": "loadtest sent requests late (p99 of the run's or of the figure's own)",
-    "core": "loadtest's canary on the services' core woke late (p99 of the run's or the phase's)",
+    "core": "loadtest found the services' core late to wake its canary (p99 of the run's or the "
+    "phase's)",
 }
 
 
