@@ -1107,12 +1107,27 @@ def spawn_for(path, name, seed):
 RUNNING = []  # targets to stop on any exit
 
 
+STOPPING = threading.Event()  # set by Ctrl-C or SIGTERM: a thread waiting on a target gives up
+READY_POLL_S = 0.1
+
+
+def interrupted(signum, frame):
+    """Ctrl-C or SIGTERM: tell the threads that wait for a target to stop waiting, then unwind
+    (a wait for READY in a worker thread would otherwise hold the exit for up to 20 s)."""
+    STOPPING.set()
+    raise KeyboardInterrupt
+
+
 def read_ready(proc, timeout_s):
     """The URLs of a process's `READY {json}` line, waited for with a deadline; None if it exits,
-    prints something else at its end, or the deadline passes first. Its stdout is read on (and
-    dropped) from then on: closing the pipe could kill it, a full pipe would block it."""
+    prints something else at its end, the deadline passes first or loadtest is stopping. Its
+    stdout is read on (and dropped) from then on: closing the pipe could kill it, a full pipe
+    would block it."""
     deadline = time.monotonic() + timeout_s
-    while select.select([proc.stdout], [], [], max(0.0, deadline - time.monotonic()))[0]:
+    while not STOPPING.is_set() and time.monotonic() < deadline:
+        left = deadline - time.monotonic()
+        if not select.select([proc.stdout], [], [], max(0.0, min(left, READY_POLL_S)))[0]:
+            continue
         line = proc.stdout.readline()
         if line.startswith("READY "):
             drain = threading.Thread(target=lambda: [None for _ in proc.stdout], daemon=True)
@@ -3366,9 +3381,10 @@ def run_responder(kind):
 
 def main(argv=None):
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM cleans up like Ctrl-C
+    STOPPING.clear()
+    signal.signal(signal.SIGTERM, interrupted)  # SIGTERM cleans up like Ctrl-C
     # Ctrl-C is Ctrl-C even when started ignoring SIGINT (a background job of a script)
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGINT, interrupted)
     note = raise_open_files_limit()
     if note and not (args.responder or args.list):  # said once, by the process that drives the load
         sys.stderr.write(note + "\n")

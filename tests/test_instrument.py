@@ -663,6 +663,28 @@ def test_interrupt_stops_everything(sig, when):
         assert wait_group_gone(lt.pid, 5.0)
 
 
+@pytest.mark.skipif(not HAS_PROC, reason="needs /proc to find the target's process")
+def test_ctrl_c_while_a_target_never_gets_ready_stops_at_once(tmp_path):
+    """Found by trying: the wait for READY ran in a worker thread for up to 20 s, and a Ctrl-C
+    waited for it (19.3 s measured) while the target and the canary ran on."""
+    silent = tmp_path / "my_silent.py"
+    silent.write_text("import time\ntime.sleep(60)\n")
+    lt = start_loadtest("--target", str(silent), "--scenario", "steady", "--quick")
+    try:
+        target = find_child(lt.pid, "my_silent.py", lt)
+        assert target is not None, "did not see the target start"
+        os.kill(lt.pid, signal.SIGINT)
+        started = time.monotonic()
+        _, err = lt.communicate(timeout=15)
+        assert time.monotonic() - started < 3, "Ctrl-C waited for the target's READY timeout"
+        assert lt.returncode == 130 and "interrupted" in err and "Traceback" not in err, err
+        assert wait_group_gone(target, 5.0), f"left behind: {live_group(target)}"
+    finally:
+        kill_group(lt.pid)
+        if lt.poll() is None:
+            lt.communicate()
+
+
 def test_ctrl_c_still_prints_the_matrix_of_what_was_measured():
     lt = start_loadtest("--compare", "v0_1,v0_2", "--scenario", "steady", "--quick")
     try:
