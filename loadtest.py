@@ -1107,15 +1107,10 @@ def spawn_for(path, name, seed):
 RUNNING = []  # targets to stop on any exit
 
 
-STOPPING = threading.Event()  # set by Ctrl-C or SIGTERM: a thread waiting on a target gives up
+# Set once run_all() is over, Ctrl-C included: a target still starting in a worker thread gives up
+# its wait for READY (the interpreter's exit waits for that thread: up to 20 s otherwise)
+STOPPING = threading.Event()
 READY_POLL_S = 0.1
-
-
-def interrupted(signum, frame):
-    """Ctrl-C or SIGTERM: tell the threads that wait for a target to stop waiting, then unwind
-    (a wait for READY in a worker thread would otherwise hold the exit for up to 20 s)."""
-    STOPPING.set()
-    raise KeyboardInterrupt
 
 
 def read_ready(proc, timeout_s):
@@ -1631,6 +1626,7 @@ async def run_all(args, out):
     progress = make_progress(sys.stderr.isatty())
     started = time.monotonic()
     results = []
+    STOPPING.clear()
     spawner = Spawner(args.seed)
     try:
         for done, (path, name) in enumerate(cells):
@@ -1640,6 +1636,7 @@ async def run_all(args, out):
             if result:
                 results.append(result)
     finally:  # Ctrl-C too: the matrix of what was measured
+        STOPPING.set()
         await spawner.close()
         if results and (len(planned) > 1 or args.compare):
             print_matrix(results, out)
@@ -3381,10 +3378,9 @@ def run_responder(kind):
 
 def main(argv=None):
     args = parse_args(argv)
-    STOPPING.clear()
-    signal.signal(signal.SIGTERM, interrupted)  # SIGTERM cleans up like Ctrl-C
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM cleans up like Ctrl-C
     # Ctrl-C is Ctrl-C even when started ignoring SIGINT (a background job of a script)
-    signal.signal(signal.SIGINT, interrupted)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     note = raise_open_files_limit()
     if note and not (args.responder or args.list):  # said once, by the process that drives the load
         sys.stderr.write(note + "\n")
