@@ -934,9 +934,10 @@ class Target:
         self.log_path = log_path
 
     @classmethod
-    def start(cls, name, command, timeout_s=20.0):
+    def start(cls, name, command, timeout_s=20.0, stopping=None):
         """Run `command` in its own process group and wait for its READY line; SystemExit, with
-        the end of its stderr, if none comes within `timeout_s`."""
+        the end of its stderr, if none comes within `timeout_s` (or before `stopping` is set:
+        a threading.Event, see Spawner)."""
         log = tempfile.NamedTemporaryFile("w+", prefix="loadtest-", suffix=".log", delete=False)
         with on_target_cores():
             proc = subprocess.Popen(
@@ -949,7 +950,7 @@ class Target:
             )
         target = cls(name, {}, proc, log.name)
         RUNNING.append(target)
-        urls = read_ready(proc, timeout_s)
+        urls = read_ready(proc, timeout_s, stopping)
         if urls is None:
             log.seek(0)
             tail = log.read()[-800:]
@@ -962,10 +963,12 @@ class Target:
         return target
 
     @classmethod
-    def spawn(cls, path, seed):
+    def spawn(cls, path, seed, stopping=None):
         """Start the version file `path` on free ports (its payment and shipping with it)."""
         return cls.start(
-            version_name(path), [sys.executable, path, "--port", "0", "--seed", str(seed)]
+            version_name(path),
+            [sys.executable, path, "--port", "0", "--seed", str(seed)],
+            stopping=stopping,
         )
 
     def stop(self, at_once=False):
@@ -1023,12 +1026,13 @@ class SplitTarget(Target):
     (for a version that keeps one: --data)."""
 
     @classmethod
-    def spawn(cls, path, seed):
+    def spawn(cls, path, seed, stopping=None):
         name = version_name(path)
         helpers = [
             Target.start(
                 f"{name} {role}",
                 [sys.executable, path, "--role", role, "--port", "0", "--seed", str(seed + offset)],
+                stopping=stopping,
             )
             for offset, role in ((1, "payment"), (2, "shipping"))
         ]
@@ -1051,7 +1055,7 @@ class SplitTarget(Target):
         if keeps_data(path):
             command += ["--data", os.path.join(scratch, "orders.sqlite3")]
         try:
-            orders = Target.start(name, command)
+            orders = Target.start(name, command, stopping=stopping)
         except SystemExit:
             for helper in helpers:
                 helper.stop()
@@ -1098,28 +1102,25 @@ def keeps_data(path):
         return '"--data"' in f.read()
 
 
-def spawn_for(path, name, seed):
+def spawn_for(path, name, seed, stopping=None):
     """The target a scenario needs: one process group, or three processes if it kills orders."""
     crashes = any(p["crash"] for p in SCENARIOS[name]["phases"])
-    return (SplitTarget if crashes else Target).spawn(path, seed)
+    return (SplitTarget if crashes else Target).spawn(path, seed, stopping)
 
 
 RUNNING = []  # targets to stop on any exit
 
 
-# Set once run_all() is over, Ctrl-C included: a target still starting in a worker thread gives up
-# its wait for READY (the interpreter's exit waits for that thread: up to 20 s otherwise)
-STOPPING = threading.Event()
-READY_POLL_S = 0.1
+READY_POLL_S = 0.1  # how soon a wait for READY notices it is no longer wanted
 
 
-def read_ready(proc, timeout_s):
+def read_ready(proc, timeout_s, stopping=None):
     """The URLs of a process's `READY {json}` line, waited for with a deadline; None if it exits,
-    prints something else at its end, the deadline passes first or loadtest is stopping. Its
-    stdout is read on (and dropped) from then on: closing the pipe could kill it, a full pipe
+    prints something else at its end, the deadline passes first or `stopping` (an Event) is set.
+    Its stdout is read on (and dropped) from then on: closing the pipe could kill it, a full pipe
     would block it."""
     deadline = time.monotonic() + timeout_s
-    while not STOPPING.is_set() and time.monotonic() < deadline:
+    while not (stopping and stopping.is_set()) and time.monotonic() < deadline:
         left = deadline - time.monotonic()
         if not select.select([proc.stdout], [], [], max(0.0, min(left, READY_POLL_S)))[0]:
             continue
@@ -1144,22 +1145,28 @@ class Spawner:
     def __init__(self, seed):
         self.seed = seed
         self.ahead = None  # (path, the future of its Target)
+        # set by close(): a target still starting in a worker thread gives up its wait for READY
+        # (after Ctrl-C the interpreter's exit waits for that thread: up to 20 s otherwise)
+        self.stopping = threading.Event()
 
     def prepare(self, cell):
         """Start the target of `cell`, (path, scenario name), now; None: there is none."""
         if cell and not self.ahead:
             loop = asyncio.get_running_loop()
-            self.ahead = (cell, loop.run_in_executor(None, spawn_for, *cell, self.seed))
+            spawning = functools.partial(spawn_for, *cell, self.seed, self.stopping)
+            self.ahead = (cell, loop.run_in_executor(None, spawning))
 
     async def take(self, path, name):
         if self.ahead and self.ahead[0] == (path, name):
             future, self.ahead = self.ahead[1], None
             return await future
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(None, spawn_for, path, name, self.seed)
+        spawning = functools.partial(spawn_for, path, name, self.seed, self.stopping)
+        return await loop.run_in_executor(None, spawning)
 
     async def close(self):
         """Stop a target started for a cell that will not run (the last one, or after Ctrl-C)."""
+        self.stopping.set()
         if self.ahead:
             future, self.ahead = self.ahead[1], None
             try:
@@ -1626,7 +1633,6 @@ async def run_all(args, out):
     progress = make_progress(sys.stderr.isatty())
     started = time.monotonic()
     results = []
-    STOPPING.clear()
     spawner = Spawner(args.seed)
     try:
         for done, (path, name) in enumerate(cells):
@@ -1636,7 +1642,6 @@ async def run_all(args, out):
             if result:
                 results.append(result)
     finally:  # Ctrl-C too: the matrix of what was measured
-        STOPPING.set()
         await spawner.close()
         if results and (len(planned) > 1 or args.compare):
             print_matrix(results, out)
