@@ -72,12 +72,21 @@ def test_decisive_pair(scenario, fixer, predecessor, higher_is_better):
         assert worse >= 2 * better, f"{figure}: {predecessor} {worse} vs {fixer} {better}\n{out}"
 
 
+# A services' core that woke its canary this late (p99) delayed payment's 40 ms answers by as much:
+# seen once on a clean-clone run, 11.5 ms, when PaymentSlow fired on a healthy steady run
+BUSY_CORE_MS = 5
+
+
 def test_no_false_alarm_in_steady():
     """From v0.8: an alert that fires on a healthy system teaches operators to ignore it."""
     if "v0_8" not in PRESENT:
         pytest.skip("v0_8 not written yet")
-    runs, out = runs_by_target("--target", "v0_8", "--scenario", "steady")
-    assert runs["v0_8"]["verdict"] == "pass" and runs["v0_8"]["figures"]["first_alert"] == "none", out
+    for _ in range(2):  # once more only if the services' core itself was late (loadtest's canary)
+        runs, out = runs_by_target("--target", "v0_8", "--scenario", "steady")
+        figures = runs["v0_8"]["figures"]
+        if figures["first_alert"] == "none" or (figures.get("core_lag_p99_ms") or 0) <= BUSY_CORE_MS:
+            break
+    assert runs["v0_8"]["verdict"] == "pass" and figures["first_alert"] == "none", out
 
 
 def test_v0_1_spike_piles_up():
