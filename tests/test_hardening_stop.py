@@ -159,11 +159,13 @@ def test_a_second_ctrl_c_stops_at_once(path):
             idle.close()
         assert took_s < GRACE_S / 2, f"the second Ctrl-C took {took_s:.2f} s"
         assert left_unshipped(orders.stderr()) == 1
-        # what it found in progress (the stuck connection, unless the signal beat its accept) is
-        # what it says it cut off
+        # what it cuts off was in progress when it began: the stuck connection, unless the signal
+        # beat its accept; one in progress may finish before the second Ctrl-C (a busy CI run: 2
+        # in progress, 1 cut off), never one more than it found
         in_progress = int(re.search(r"stopping: (\d+) requests in progress", orders.stderr()).group(1))
-        cut = f"{in_progress} connections cut off unanswered"
-        assert (cut in orders.stderr()) if in_progress else ("cut off" not in orders.stderr()), orders.stderr()
+        cut = re.search(r"(\d+) connections cut off unanswered", orders.stderr())
+        cut_off = int(cut.group(1)) if cut else 0
+        assert cut_off <= in_progress, orders.stderr()
         assert "Traceback" not in orders.stderr(), orders.stderr()[-2000:]
 
 
