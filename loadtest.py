@@ -607,7 +607,7 @@ SCENARIOS = {
         phase("after", 8, 4, 0.8, judged=True, settle_s=3),
         checks=[
             *in_each_phase(["before", "half", "after"], ("goodput_pct", ">=", 90)),
-            ("p99_x@half", "<=", 2),
+            ("p99_x@half", "<=", 1.5),
             ("timeouts", "<=", 0),
         ],
         decisive="p99_x@half",
@@ -620,7 +620,8 @@ SCENARIOS = {
         call's service time does not change with the number of workers, and a healthy limit
         follows capacity (Little's law: limit = capacity x latency), so each call waits behind as
         many calls per worker as before. A static limit sized for 4 workers keeps twice as many
-        waiting per worker, and waits twice as long""",
+        waiting per worker: the wait doubles, the 40 ms of work does not, so its p99 comes out
+        under 2x (1.9x measured), and the bound is 1.5x""",
     ),
     "crash": scenario(
         "0.5x capacity, shipping slowed so events wait; orders is killed (SIGKILL) and started "
