@@ -1022,10 +1022,12 @@ class Dependency:
 
     async def work(self, job):
         """One call in a worker slot: spend the service time, commit, answer."""
-        slot_free_at = self.freed.popleft() if self.freed else 0.0
-        begin = max(job["queued_at"], slot_free_at, time.monotonic() - CATCH_UP_S)
-        end = begin
+        end = time.monotonic()
         try:
+            # a slot with no schedule yet (or a new one) starts now
+            slot_free_at = self.freed.popleft() if self.freed else time.monotonic()
+            begin = max(job["queued_at"], slot_free_at, time.monotonic() - CATCH_UP_S)
+            end = begin
             if job["deadline"] and time.monotonic() > job["deadline"]:
                 self.stats["expired_dropped"] += 1  # nobody can use the answer: skip the work
                 self.answers.pop(job["key"], None)
@@ -1063,6 +1065,10 @@ class Dependency:
         finally:
             self.freed.append(end)
             self.busy -= 1
+            # a slot the workers knob took out of service takes its schedule with it: an old one
+            # left here would start every later call up to CATCH_UP_S early (65 calls/s on 2 slots)
+            while len(self.freed) > max(0, self.slots() - self.busy):
+                self.freed.popleft()
             self.slot_freed.set()
 
     def snapshot(self, with_refs):

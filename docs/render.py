@@ -1,6 +1,6 @@
 """Write the sample outputs in the docs from two recorded runs: the whole matrix, and the course.
 
-    python loadtest.py --compare all --scenario all --quick --json /tmp/matrix.json  # ~14 min
+    python loadtest.py --compare all --scenario all --quick --json /tmp/matrix.json  # ~12 min
     python loadtest.py --compare all --json /tmp/course.json   # each lesson's runs, full length
     python docs/render.py --from /tmp/matrix.json --full /tmp/course.json   # keep, rewrite pages
     python docs/render.py --check                              # pages match? (exit 1 if not)
