@@ -11,15 +11,15 @@ Adds:        one deadline budget end to end: a client's X-Deadline-Ms (relative,
              refusal is decided in the thread that read the request, before any queue or worker.
              Orders, keys and the events waiting to ship live in one SQLite file (--data), written
              before the 201: a restart finds them (transactional outbox).
-Fixes:       `partial-failure`: lost orders 283 -> 0. The seed's promise, full length: `overload`
-             at 3 C: goodput 90.8% -> 96.6% of C, accepted p99 2.48x -> 1.87x the 0.5 C baseline,
-             shed p99 13.1 -> 2.0 ms (10 C: 21.2 -> 2.7 ms; --quick: 41.8 -> 2.3 ms);
-             `capacity-drop`: accepted p99 2.38x -> 1.27x the healthy p99 while payment has half
+Fixes:       `partial-failure`: lost orders 282 -> 0. The seed's promise, full length: `overload`
+             at 3 C: goodput 90.8% -> 100.3% of C, accepted p99 2.5x -> 1.78x the 0.5 C baseline,
+             shed p99 5.4 -> 2.5 ms (10 C: 7.5 -> 3.0 ms; --quick: 9.5 -> 2.4 ms);
+             `capacity-drop`: accepted p99 2.51x -> 1.22x the healthy p99 while payment has half
              its workers. `crash` (orders killed mid-run, started again): acknowledged orders lost
-             106 -> 0.
+             110 -> 0.
                python loadtest.py --compare v0_8,v1_0 --scenario overload,capacity-drop,crash
-Still breaks: `overload` at 10 C when the machine is busy (one quick matrix of two served 93.7% of
-             C there, against 95%); one machine: the disk is not replicated.
+Still breaks: `overload` on a busy minute of a shared machine (accepted p99 2.06x the baseline at
+             10 C, against 2x); one machine: the disk is not replicated.
 Run:         python v1_0_composed.py
 Diff:        diff -u v0_8_observability.py v1_0_composed.py
 """
